@@ -1,0 +1,309 @@
+"""The command line: the only module that reads argv. One small function per subcommand.
+
+Exit codes: 0 ok, 1 failure (a training run stopped on a non-finite loss, say), 2 bad usage or
+input (one sentence on stderr, never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one sentence, exit 2 (argparse's default prints usage too)
+        raise UserError(f"{message}; see `{self.prog} --help`.")
+
+
+def _positive_int(name):
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} expects an integer, got {s!r}") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be positive, got {v}")
+        return v
+
+    return parse
+
+
+# ----------------------------------------------------------------------------- data commands
+
+
+def cmd_clean(a) -> int:
+    from .clean import run_clean, write_report
+    from .corpus import default_workers
+
+    report = run_clean(
+        a.inputs,
+        a.out,
+        text_field=a.text_field,
+        cyrillic_to_latin=a.cyrillic_to_latin,
+        filter=not a.no_filter,
+        min_az_share=a.min_az_share,
+        dedup=not a.no_dedup,
+        workers=a.workers or default_workers(),
+    )
+    print(report.format())
+    print(f"wrote {a.out}")
+    if a.report:
+        write_report(report, a.report)
+        print(f"report: {a.report}")
+    return 0
+
+
+def cmd_tokenizer_train(a) -> int:
+    import time
+    from collections import Counter
+
+    from .corpus import discover, iter_corpus
+    from .tokenizer import iter_texts_for_training, save_tokenizer, train_tokenizer
+
+    files = discover(a.inputs)
+    stats: Counter = Counter()
+    t0 = time.perf_counter()
+    tok = train_tokenizer(
+        iter_texts_for_training(iter_corpus(files, stats, a.text_field)),
+        vocab_size=a.vocab_size,
+        pretokenizer=a.pretokenizer,
+        min_frequency=a.min_frequency,
+    )
+    secs = time.perf_counter() - t0
+    path = save_tokenizer(
+        tok, a.out, {"pretokenizer": a.pretokenizer, "inputs": [str(p) for p in files], "train_seconds": round(secs, 2)}
+    )
+    print(f"trained a {tok.get_vocab_size()}-id byte-level BPE ({a.pretokenizer} pre-tokenizer) in {secs:.1f}s -> {path}")
+    return 0
+
+
+def cmd_tokenizer_stats(a) -> int:
+    from collections import Counter
+
+    from .corpus import discover, iter_corpus
+    from .tokenizer import fertility, load_tokenizer
+
+    tok = load_tokenizer(a.tokenizer)
+    files = discover(a.inputs)
+    stats = fertility(tok, iter_corpus(files, Counter(), a.text_field))
+    stats["vocab_size"] = tok.get_vocab_size()
+    if a.json:
+        print(json.dumps(stats))
+    else:
+        for k, v in stats.items():
+            print(f"{k:>26}: {v}")
+    return 0
+
+
+def cmd_prepare(a) -> int:
+    from .data import run_prepare
+
+    res = run_prepare(
+        a.inputs,
+        a.tokenizer,
+        a.out,
+        val_fraction=a.val_fraction,
+        seed=a.seed,
+        text_field=a.text_field,
+        workers=a.workers,
+        backend=a.backend,
+    )
+    m = res.manifest
+    mbps = res.bytes_in / 1e6 / res.seconds if res.seconds else 0.0
+    print(
+        f"train: {m['train']['tokens']:,} tokens in {m['train']['documents']:,} documents; "
+        f"val: {m['val']['tokens']:,} tokens in {m['val']['documents']:,} documents "
+        f"({res.seconds:.1f}s, {mbps:.2f} MB/s, {m['encoder_backend']})"
+    )
+    print(f"wrote {Path(a.out) / 'train.npy'}, {Path(a.out) / 'val.npy'}, {Path(a.out) / 'manifest.json'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- model commands
+
+
+def cmd_train(a, overrides: list[str]) -> int:
+    from .config import ConfigError, load_config
+    from .train import train
+
+    try:
+        cfg = load_config(a.config, overrides)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    result = train(cfg, resume=a.resume)
+    return 0 if result.ok else 1
+
+
+def cmd_sample(a) -> int:
+    from .sample import run_sample
+
+    run_sample(
+        a.ckpt,
+        a.prompt,
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_k=a.top_k,
+        top_p=a.top_p,
+        seed=a.seed,
+        num_samples=a.num_samples,
+        tokenizer=a.tokenizer,
+        device=a.device,
+    )
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .evaluate import run_eval
+
+    out = run_eval(
+        a.ckpt,
+        texts=a.text,
+        tokens=a.tokens,
+        probes=a.probes,
+        line_docs=a.line_docs,
+        tokenizer=a.tokenizer,
+        batch_size=a.batch_size,
+        device=a.device,
+        stride=a.stride,
+    )
+    if a.json:
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        for k, v in out.items():
+            print(f"{k:>14}: {v}")
+    return 0
+
+
+def cmd_export(a) -> int:
+    from .export import export_hf
+
+    path = export_hf(a.ckpt, a.out, tokenizer=a.tokenizer, force=a.force)
+    print(f"exported a transformers GPT-2 model to {path}")
+    return 0
+
+
+def cmd_report(a) -> int:
+    from .report import write_report
+
+    path = write_report(a.run_dir, a.out)
+    print(f"wrote {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="azgpt", description="Train a GPT language model for Azerbaijani from scratch.")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"azgpt {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("clean", help="repair and filter raw Azerbaijani text")
+    c.add_argument("inputs", nargs="+", help="files or folders of .txt, .txt.gz, .jsonl, .jsonl.gz")
+    c.add_argument("--out", required=True, help="output text file (documents separated by blank lines)")
+    c.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    c.add_argument("--cyrillic-to-latin", action="store_true", help="transliterate Cyrillic-script Azerbaijani")
+    c.add_argument("--no-filter", action="store_true", help="keep every document (no language filter, no dedup)")
+    c.add_argument("--no-dedup", action="store_true", help="keep exact duplicate documents")
+    c.add_argument("--min-az-share", type=float, default=0.03, help="language filter: least share of ə/q/x among letters (default 0.03)")
+    c.add_argument("--report", help="also write the report as JSON to this file")
+    c.add_argument("--workers", type=_positive_int("--workers"), default=None, help="processes (default: all cores)")
+    c.set_defaults(fn=cmd_clean)
+
+    t = sub.add_parser("tokenizer", help="train or inspect the BPE tokenizer")
+    tsub = t.add_subparsers(dest="tcommand", required=True, parser_class=_Parser)
+    tt = tsub.add_parser("train", help="train a byte-level BPE tokenizer")
+    tt.add_argument("inputs", nargs="+")
+    tt.add_argument("--out", required=True, help="output folder for tokenizer.json")
+    tt.add_argument("--vocab-size", type=_positive_int("--vocab-size"), default=32000)
+    tt.add_argument("--pretokenizer", default="az", help="az (default), gpt2 or gpt4")
+    tt.add_argument("--min-frequency", type=_positive_int("--min-frequency"), default=2)
+    tt.add_argument("--text-field", default="text")
+    tt.set_defaults(fn=cmd_tokenizer_train)
+    ts = tsub.add_parser("stats", help="tokens per word, bytes per token, words split in 3+ pieces")
+    ts.add_argument("inputs", nargs="+")
+    ts.add_argument("--tokenizer", required=True, help="tokenizer folder or tokenizer.json")
+    ts.add_argument("--text-field", default="text")
+    ts.add_argument("--json", action="store_true", help="print one JSON object")
+    ts.set_defaults(fn=cmd_tokenizer_stats)
+
+    pr = sub.add_parser("prepare", help="encode a corpus into train.npy / val.npy")
+    pr.add_argument("inputs", nargs="+")
+    pr.add_argument("--tokenizer", required=True)
+    pr.add_argument("--out", required=True, help="output folder")
+    pr.add_argument("--val-fraction", type=float, default=0.005)
+    pr.add_argument("--seed", type=int, default=1234)
+    pr.add_argument("--text-field", default="text")
+    pr.add_argument("--workers", type=_positive_int("--workers"), default=None, help="processes (default: all cores)")
+    pr.add_argument("--backend", default="auto", help="auto (tiktoken when identical), tiktoken or tokenizers")
+    pr.set_defaults(fn=cmd_prepare)
+
+    tr = sub.add_parser("train", help="train a GPT (add --section.key=value overrides)")
+    tr.add_argument("--config", required=True, help="TOML run file, e.g. configs/tiny.toml")
+    tr.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    tr.set_defaults(fn=cmd_train, takes_overrides=True)
+
+    s = sub.add_parser("sample", help="generate text from a checkpoint")
+    s.add_argument("--ckpt", required=True, help="checkpoint folder (e.g. runs/tiny/last)")
+    s.add_argument("--prompt", default="", help="prompt text")
+    s.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=100)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=50)
+    s.add_argument("--top-p", type=float, default=0.95)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--num-samples", type=_positive_int("--num-samples"), default=1)
+    s.add_argument("--tokenizer", help="tokenizer folder (default: the one recorded in the checkpoint)")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(fn=cmd_sample)
+
+    e = sub.add_parser("eval", help="loss, perplexity, bits per byte, probes")
+    e.add_argument("--ckpt", required=True)
+    e.add_argument("--text", nargs="+", help="text files, documents separated by blank lines")
+    e.add_argument("--tokens", help="a token file (.npy) written by `azgpt prepare`")
+    e.add_argument("--probes", action="store_true", help="score the built-in Azerbaijani probes")
+    e.add_argument("--line-docs", action="store_true", help="one document per line")
+    e.add_argument("--tokenizer", help="tokenizer folder (default: the one recorded in the checkpoint)")
+    e.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8)
+    e.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: half the context)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_eval)
+
+    x = sub.add_parser("export", help="export to a Hugging Face transformers folder")
+    x.add_argument("--ckpt", required=True)
+    x.add_argument("--out", required=True)
+    x.add_argument("--tokenizer", help="tokenizer folder (default: the one recorded in the checkpoint)")
+    x.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    x.set_defaults(fn=cmd_export)
+
+    r = sub.add_parser("report", help="a markdown report with plots from a run folder")
+    r.add_argument("run_dir")
+    r.add_argument("--out", help="output folder (default: RUN_DIR/report)")
+    r.set_defaults(fn=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    try:
+        parser = build_parser()
+        a, rest = parser.parse_known_args(argv)
+        if getattr(a, "takes_overrides", False):
+            return a.fn(a, rest)
+        if rest:
+            raise UserError(f"unrecognised arguments: {' '.join(rest)}; see `azgpt {a.command} --help`.")
+        return a.fn(a)
+    except UserError as e:
+        print(f"azgpt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("azgpt: interrupted", file=sys.stderr)
+        return 130

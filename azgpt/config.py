@@ -1,0 +1,266 @@
+"""Typed run configuration: dataclasses, TOML run files and dotted CLI overrides.
+
+Precedence is defaults < TOML file < `--section.key=value` overrides. Unknown keys and values
+of the wrong type raise `ConfigError` naming the key and what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A run file or override that cannot be used; the message says how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    """Number of token ids; must be at least the tokenizer's vocab size."""
+    block_size: int = 512
+    """Context length in tokens."""
+    n_layer: int = 12
+    """Transformer blocks."""
+    n_head: int = 12
+    """Attention heads per block; must divide n_embd."""
+    n_embd: int = 768
+    """Model width."""
+    dropout: float = 0.0
+    """Dropout on attention, residual and embeddings (0 for pretraining)."""
+    bias: bool = True
+    """Biases in Linear and LayerNorm layers (GPT-2 style)."""
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            v = getattr(self, name)
+            if v <= 0:
+                raise ConfigError(f"model.{name} must be a positive integer, got {v}.")
+        if self.block_size > 1_000_000:
+            raise ConfigError(
+                f"model.block_size={self.block_size} is absurdly large; use a context of at most 1,000,000 tokens (512 is the default)."
+            )
+        if self.vocab_size > 1_000_000 or self.n_embd > 65536 or self.n_layer > 1000:
+            raise ConfigError(
+                "model size is absurd (vocab_size <= 1,000,000, n_embd <= 65536, n_layer <= 1000); check the model section."
+            )
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}."
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}.")
+
+
+@dataclass
+class DataConfig:
+    dir: str = "out/data"
+    """Folder holding train.npy, val.npy and manifest.json written by `azgpt prepare`."""
+    tokenizer: str = "out/tokenizer"
+    """Tokenizer folder (tokenizer.json); its sha256 must match the data's manifest."""
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    """Where checkpoints, metrics.jsonl and plots go."""
+    batch_size: int = 12
+    """Sequences per micro-batch per process."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    max_iters: int = 5000
+    """Optimizer steps in the whole run."""
+    lr: float = 6e-4
+    """Peak learning rate."""
+    min_lr: float = 6e-5
+    """Floor the cosine decays to."""
+    warmup_iters: int = 200
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    eval_interval: int = 500
+    """Steps between validation passes and checkpoints."""
+    eval_iters: int = 20
+    """Validation batches per evaluation (a fixed set of windows)."""
+    log_interval: int = 10
+    """Steps between reading the loss back from the device (a sync) and logging it."""
+    mixed_precision: str = "auto"
+    """'auto' (bf16 on capable CUDA, else no), 'bf16', 'fp16' or 'no'."""
+    compile: str = "auto"
+    """torch.compile: 'auto' (on for CUDA, off on CPU), 'on', 'off', or a mode ('reduce-overhead', 'max-autotune')."""
+    seed: int = 1337
+    """Seeds the model init and the data loader."""
+    keep_last: int = 2
+    """Numbered checkpoints to keep besides `last` and `best`."""
+    sample_prompt: str = "Azərbaycanın paytaxtı"
+    """Prompt sampled at each evaluation."""
+    sample_tokens: int = 32
+    """Tokens sampled at each evaluation (0 disables)."""
+    nan_policy: str = "stop"
+    """On a non-finite loss: 'stop' (keep the last good checkpoint) or 'skip' the step."""
+    tensorboard: bool = False
+    """Also log to TensorBoard through Accelerate's trackers."""
+    device: str = "auto"
+    """'auto', 'cpu' or 'cuda'."""
+
+    def validate(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "log_interval"):
+            v = getattr(self, name)
+            if v <= 0:
+                raise ConfigError(f"train.{name} must be a positive integer, got {v}.")
+        for name in ("eval_iters", "warmup_iters", "keep_last", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}.")
+        if self.batch_size > 1_000_000:
+            raise ConfigError(f"train.batch_size={self.batch_size} is absurd; use a value such as 12.")
+        if not (0 < self.lr < 10):
+            raise ConfigError(f"train.lr must be in (0, 10), got {self.lr}.")
+        if not (0 <= self.min_lr <= self.lr):
+            raise ConfigError(f"train.min_lr must be in [0, train.lr], got {self.min_lr}.")
+        if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
+            raise ConfigError(
+                f"train.mixed_precision must be one of auto, bf16, fp16, no; got {self.mixed_precision!r}."
+            )
+        if self.compile not in ("auto", "on", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+            raise ConfigError(
+                f"train.compile must be auto, on, off or a torch.compile mode; got {self.compile!r}."
+            )
+        if self.nan_policy not in ("stop", "skip"):
+            raise ConfigError(f"train.nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}.")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"train.device must be auto, cpu or cuda, got {self.device!r}.")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError("train.beta1 and train.beta2 must be in [0, 1).")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.train.validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(section: str, key: str, value, typ, from_cli: bool):
+    """Return `value` as `typ`, or raise ConfigError saying what was expected."""
+    where = f"{section}.{key}"
+    if from_cli and isinstance(value, str):
+        if typ is bool:
+            low = value.lower()
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+            raise ConfigError(f"{where} expects true or false, got {value!r}.")
+        if typ is int:
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                raise ConfigError(f"{where} expects an integer, got {value!r}.") from None
+        if typ is float:
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{where} expects a number, got {value!r}.") from None
+        return value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} expects true or false, got {value!r}.")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} expects an integer, got {value!r}.")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where} expects a number, got {value!r}.")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where} expects a string, got {value!r}.")
+    raise ConfigError(f"{where}: unsupported type {typ}.")
+
+
+def _apply(cfg: RunConfig, section: str, key: str, value, from_cli: bool) -> None:
+    sections = {f.name: f for f in dataclasses.fields(RunConfig)}
+    if section not in sections:
+        raise ConfigError(
+            f"unknown config section {section!r}; valid sections are {', '.join(sections)}."
+        )
+    sub = getattr(cfg, section)
+    hints = typing.get_type_hints(type(sub))
+    if key not in hints:
+        raise ConfigError(
+            f"unknown config key {section}.{key}; valid keys in [{section}] are {', '.join(hints)}."
+        )
+    setattr(sub, key, _coerce(section, key, value, hints[key], from_cli))
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str, str]]:
+    """Parse `--section.key=value` (or `--section.key value`) into triples."""
+    out = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--") or "." not in a.split("=", 1)[0]:
+            raise ConfigError(
+                f"unrecognised argument {a!r}; config overrides look like --train.lr=3e-4."
+            )
+        name, eq, value = a[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override --{name} needs a value, e.g. --{name}=VALUE.")
+            value = args[i + 1]
+            i += 1
+        section, _, key = name.partition(".")
+        out.append((section, key.replace("-", "_"), value))
+        i += 1
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Build a validated RunConfig from defaults, an optional TOML file and CLI overrides."""
+    cfg = RunConfig()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass a TOML run file such as configs/tiny.toml.")
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {p} is not valid TOML ({e}); fix the syntax.") from None
+        for section, table in raw.items():
+            if not isinstance(table, dict):
+                raise ConfigError(
+                    f"{p}: top-level key {section!r} must be a table such as [train]."
+                )
+            for key, value in table.items():
+                _apply(cfg, section, key, value, from_cli=False)
+    for section, key, value in parse_overrides(overrides or []):
+        _apply(cfg, section, key, value, from_cli=True)
+    cfg.validate()
+    return cfg
+
+
+def config_from_dict(d: dict) -> RunConfig:
+    """Rebuild a RunConfig saved with `to_dict` (checkpoints store the resolved config)."""
+    cfg = RunConfig()
+    for section, table in d.items():
+        for key, value in table.items():
+            _apply(cfg, section, key, value, from_cli=False)
+    cfg.validate()
+    return cfg

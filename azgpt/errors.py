@@ -1,0 +1,53 @@
+"""The one exception type users see: bad input or usage, reported as one sentence, exit code 2."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class UserError(Exception):
+    """Bad input or usage. The message is one sentence naming the file or option and the fix."""
+
+    exit_code = 2
+
+
+@contextmanager
+def atomic_path(final: str | Path, suffix: str = ""):
+    """Yield a temporary path beside `final`; rename it onto `final` only if the block succeeds.
+
+    A crash or an exception leaves `final` untouched (old content or absent) and removes the
+    temporary file, so no half-written output is ever found under the final name.
+    """
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".tmp", dir=final.parent)
+    except OSError as e:
+        raise UserError(
+            f"cannot write {final} ({e.strerror}); choose an output location you can write to."
+        ) from None
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a directory entry (after a rename) so the rename survives a power loss."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,243 @@
+"""Byte-level BPE tokenizer for Azerbaijani: train, load, encode, decode, special tokens, and the
+byte length of every token (for bits per byte).
+
+Normalisation is NFC only (never lowercasing: `I`/`İ` and `ı`/`i` are distinct letters).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from .errors import UserError, atomic_path
+
+EOT = "<|endoftext|>"
+SPECIAL_TOKENS = [
+    EOT,
+    "<|pad|>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|reserved_0|>",
+    "<|reserved_1|>",
+    "<|reserved_2|>",
+]
+
+# Pre-tokenizer candidates (regexes that cut text into pieces before BPE). Measured on FLORES-200
+# azj_Latn dev with 32k vocabularies trained on the shared corpus; see bench/RESULTS.md and
+# `python bench/pretokenizers.py`.
+#  - "az": letters with at most one leading non-letter (space, quote, bracket), apostrophes
+#    inside words kept, digits in groups of up to three, no English contraction rules.
+#  - "gpt2": GPT-2's regex (English contractions, a leading space only, unbounded digit runs).
+#  - "gpt4": cl100k-style regex (leading punctuation attaches to words, digits of 1-3).
+PRETOKENIZERS = {
+    "az": r"[^\r\n\p{L}\p{N}]?\p{L}+(?:['’]\p{L}+)*|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "gpt2": r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
+    "gpt4": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+DEFAULT_PRETOKENIZER = "az"
+
+
+def build_tokenizer(pretokenizer: str = DEFAULT_PRETOKENIZER) -> Tokenizer:
+    if pretokenizer not in PRETOKENIZERS:
+        raise UserError(
+            f"--pretokenizer must be one of {', '.join(PRETOKENIZERS)}, got {pretokenizer!r}."
+        )
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZERS[pretokenizer]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int = 32000,
+    pretokenizer: str = DEFAULT_PRETOKENIZER,
+    min_frequency: int = 2,
+) -> Tokenizer:
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise UserError(
+            f"--vocab-size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens), got {vocab_size}."
+        )
+    if vocab_size > 65536:
+        raise UserError(
+            f"--vocab-size {vocab_size} does not fit the uint16 token files; use at most 65536 (32000 is the default)."
+        )
+    tok = build_tokenizer(pretokenizer)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def save_tokenizer(tok: Tokenizer, out_dir: str | Path, extra: dict | None = None) -> Path:
+    out = Path(out_dir)
+    path = out / "tokenizer.json"
+    with atomic_path(path) as tmp:
+        tok.save(str(tmp))
+    info = {"vocab_size": tok.get_vocab_size(), "sha256": sha256_file(path), **(extra or {})}
+    with atomic_path(out / "tokenizer_info.json") as tmp:
+        tmp.write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def sha256_file(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def tokenizer_path(dir_or_file: str | Path) -> Path:
+    p = Path(dir_or_file)
+    return p / "tokenizer.json" if p.is_dir() or not p.suffix else p
+
+
+def load_tokenizer(dir_or_file: str | Path) -> Tokenizer:
+    """Load DIR/tokenizer.json (or the file itself); a missing or corrupt file is a UserError."""
+    path = tokenizer_path(dir_or_file)
+    if not path.is_file():
+        raise UserError(
+            f"tokenizer file {path} does not exist; train one with `azgpt tokenizer train` or fix --tokenizer."
+        )
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a plain Exception for malformed JSON
+        first = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise UserError(
+            f"tokenizer file {path} is corrupt ({first}); retrain it with `azgpt tokenizer train`."
+        ) from None
+    if tok.token_to_id(EOT) is None:
+        raise UserError(f"tokenizer file {path} has no {EOT} token; retrain it with `azgpt tokenizer train`.")
+    return tok
+
+
+def eot_id(tok: Tokenizer) -> int:
+    return tok.token_to_id(EOT)
+
+
+def encode(tok: Tokenizer, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+def decode(tok: Tokenizer, ids: Iterable[int]) -> str:
+    return tok.decode(list(ids), skip_special_tokens=False)
+
+
+def _byte_decoder() -> dict[str, int]:
+    # The ByteLevel alphabet: printable bytes stand for themselves, the rest are shifted to 256+.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def token_bytes(tok: Tokenizer) -> list[bytes]:
+    """The exact bytes each id stands for (special tokens: their UTF-8 text)."""
+    dec = _byte_decoder()
+    out: list[bytes] = [b""] * tok.get_vocab_size()
+    specials = set(SPECIAL_TOKENS)
+    for s, i in tok.get_vocab().items():
+        if s in specials:
+            out[i] = s.encode("utf-8")
+        else:
+            out[i] = bytes(dec[c] for c in s)
+    return out
+
+
+def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
+    """Bytes of UTF-8 text per token id; special tokens count 0 (they are not text)."""
+    lens = np.array([len(b) for b in token_bytes(tok)], dtype=np.int64)
+    for s in SPECIAL_TOKENS:
+        i = tok.token_to_id(s)
+        if i is not None:
+            lens[i] = 0
+    return lens
+
+
+def tiktoken_encoding(tok: Tokenizer, path: str | Path):
+    """The same BPE as a tiktoken Encoding (ranks = our ids, merges in the same order), or None
+    when tiktoken is missing or the tokenizer's pre-tokenizer is not one of ours.
+
+    tiktoken merges by the rank of the merged token; our ids are assigned in merge order, so the
+    two agree. `prepare` still checks identical ids on a sample before trusting it.
+    """
+    try:
+        import tiktoken
+    except ImportError:
+        return None
+    try:
+        spec = json.loads(Path(path).read_text(encoding="utf-8"))
+        pattern = spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"]
+    except (KeyError, IndexError, TypeError, json.JSONDecodeError):
+        return None
+    tb = token_bytes(tok)
+    specials = {s: tok.token_to_id(s) for s in SPECIAL_TOKENS if tok.token_to_id(s) is not None}
+    special_ids = set(specials.values())
+    ranks = {b: i for i, b in enumerate(tb) if i not in special_ids}
+    if len(ranks) != len(tb) - len(special_ids):
+        return None
+    try:
+        return tiktoken.Encoding(
+            name="azgpt", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials
+        )
+    except Exception:
+        return None
+
+
+def nfc(text: str) -> str:
+    return text if unicodedata.is_normalized("NFC", text) else unicodedata.normalize("NFC", text)
+
+
+def words(text: str) -> list[str]:
+    return text.split()
+
+
+def fertility(tok: Tokenizer, texts: Iterable[str]) -> dict:
+    """Tokens per word, bytes per token and the share of words split into 3+ pieces."""
+    n_words = n_tokens = n_bytes = split3 = 0
+    cache: dict[str, int] = {}
+    for text in texts:
+        n_tokens += len(encode(tok, text))
+        n_bytes += len(text.encode("utf-8"))
+        for w in words(text):
+            n_words += 1
+            k = cache.get(w)
+            if k is None:
+                # A word as it appears mid-sentence: after a space.
+                k = cache[w] = len(encode(tok, " " + w))
+            split3 += k >= 3
+    if n_words == 0:
+        raise UserError("the text given to `tokenizer stats` holds no words; give files with text.")
+    return {
+        "words": n_words,
+        "tokens": n_tokens,
+        "bytes": n_bytes,
+        "tokens_per_word": round(n_tokens / n_words, 4),
+        "bytes_per_token": round(n_bytes / n_tokens, 4),
+        "share_words_3plus_tokens": round(split3 / n_words, 4),
+    }
+
+
+def iter_texts_for_training(docs: Iterator[str]) -> Iterator[str]:
+    for d in docs:
+        yield nfc(d)
