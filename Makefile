@@ -1,0 +1,52 @@
+# The README's commands. Each sets up what it needs in .venv (Python 3.11+).
+#   make demo   clean -> tokenizer -> prepare -> train configs/tiny.toml -> sample, on data/sample (CPU, a few minutes)
+#   make test   the test suite (CPU-only, a few minutes)
+# TORCH picks the PyTorch build: the default resolves to the CUDA build on Linux from PyPI;
+# for a CPU-only wheel use e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu".
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+DEMO := out/demo
+
+.PHONY: setup demo test test-all lint bench-cpu clean-demo
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev,fast]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	rm -rf $(DEMO) runs/tiny
+	$(VENV)/bin/azgpt clean data/sample --out $(DEMO)/clean.txt --report $(DEMO)/clean_report.json
+	$(VENV)/bin/azgpt tokenizer train $(DEMO)/clean.txt --vocab-size 2048 --out $(DEMO)/tokenizer
+	$(VENV)/bin/azgpt tokenizer stats --tokenizer $(DEMO)/tokenizer data/sample/dialogue.txt
+	$(VENV)/bin/azgpt prepare $(DEMO)/clean.txt --tokenizer $(DEMO)/tokenizer --out $(DEMO)/data --val-fraction 0.05
+	$(VENV)/bin/azgpt train --config configs/tiny.toml
+	$(VENV)/bin/azgpt sample --ckpt runs/tiny/last --prompt "Azərbaycanın paytaxtı" --max-new-tokens 40 --num-samples 2
+	$(VENV)/bin/azgpt eval --ckpt runs/tiny/best --text data/sample/history.txt --probes
+	$(VENV)/bin/azgpt report runs/tiny
+	@echo
+	@echo "demo done:"
+	@echo "  cleaned text     $(DEMO)/clean.txt (report: $(DEMO)/clean_report.json)"
+	@echo "  tokenizer        $(DEMO)/tokenizer/tokenizer.json"
+	@echo "  token files      $(DEMO)/data/train.npy, val.npy, manifest.json"
+	@echo "  checkpoints      runs/tiny/last, runs/tiny/best (model.safetensors, config.json, meta.json)"
+	@echo "  metrics, plots   runs/tiny/metrics.jsonl, runs/tiny/loss.png, runs/tiny/report/report.md"
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup
+	$(PY) -m pytest -q -m "" 
+
+lint: setup
+	$(VENV)/bin/ruff check azgpt tests bench
+	$(VENV)/bin/ruff format --check azgpt tests bench
+
+bench-cpu: setup
+	$(PY) bench/cpu_train.py

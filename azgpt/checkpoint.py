@@ -1,0 +1,279 @@
+"""Checkpoints: folders holding model.safetensors, config.json, meta.json and the resumable state
+(optimizer.safetensors + trainer_state.json). No pickle anywhere: loading a checkpoint from
+someone else never executes code.
+
+A run folder holds numbered checkpoints (`step-000500/`) and two relative symlinks, `last` and
+`best`. Each checkpoint is written under a temporary name and renamed into place, then the
+symlinks are swapped atomically, so a crash never leaves a half checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError, fsync_dir
+from .model import GPT, GPTConfig
+
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+TIED = "lm_head.weight"
+
+
+# ----------------------------------------------------------------------------- model weights
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The unwrapped, uncompiled model's tensors, minus the tied lm_head (restored on load)."""
+    sd = model.state_dict()
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items() if k != TIED}
+
+
+def save_model_files(model: GPT, folder: Path) -> None:
+    save_file(model_state(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+
+
+def read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path} is missing; {what}")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path} is not valid JSON; {what}") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path} does not hold a JSON object; {what}")
+    return d
+
+
+def load_model(ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
+    """Build the model from config.json and load model.safetensors; returns (model, meta)."""
+    folder = Path(ckpt)
+    if not folder.is_dir():
+        raise UserError(f"checkpoint folder {folder} does not exist; pass a folder such as runs/tiny/last.")
+    fix = "the checkpoint is incomplete or damaged; use another checkpoint (e.g. an earlier step-* folder)."
+    cfg_d = read_json(folder / "config.json", fix)
+    try:
+        cfg = GPTConfig(**cfg_d)
+    except TypeError:
+        raise UserError(f"{folder / 'config.json'} does not describe an azgpt model; {fix}") from None
+    meta = read_json(folder / "meta.json", fix) if (folder / "meta.json").exists() else {}
+    model = GPT(cfg)
+    load_weights(model, folder / "model.safetensors")
+    return model.to(device), meta
+
+
+def load_weights(model: GPT, path: Path) -> None:
+    if not path.is_file():
+        raise UserError(f"{path} is missing; the checkpoint is incomplete, use another one.")
+    try:
+        sd = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(
+            f"{path} is truncated or corrupt ({str(e).splitlines()[0][:80]}); use another checkpoint."
+        ) from None
+    own = {k: v for k, v in model.state_dict().items() if k != TIED}
+    missing = sorted(set(own) - set(sd))
+    extra = sorted(set(sd) - set(own))
+    if missing or extra:
+        raise UserError(
+            f"{path} does not match the model (missing {missing[:3]}, unexpected {extra[:3]}); "
+            "use a checkpoint of this model's shape."
+        )
+    for k, v in sd.items():
+        if v.shape != own[k].shape:
+            raise UserError(
+                f"{path} holds {k} of shape {tuple(v.shape)} but the model needs {tuple(own[k].shape)}; "
+                "the checkpoint is from a model of another shape (check the model section)."
+            )
+    model.load_state_dict(sd, strict=False)
+    model.lm_head.weight = model.transformer.wte.weight  # re-tie
+
+
+# ----------------------------------------------------------------------------- optimizer state
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into tensors (for safetensors) and plain JSON."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"state.{pid}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, info: dict) -> None:
+    state: dict = {}
+    for name, t in tensors.items():
+        if not name.startswith("state."):
+            continue
+        _, pid, k = name.split(".", 2)
+        state.setdefault(int(pid), {})[k] = t
+    for name, v in info.get("scalars", {}).items():
+        pid, k = name.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+
+
+# ----------------------------------------------------------------------------- run folders
+
+
+class RunLock:
+    """An exclusive lock on a run folder (flock: the kernel drops it when the process dies, so a
+    killed trainer never leaves it stuck)."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / ".lock"
+        self.fd = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(
+                f"another trainer (pid {holder}) is already using {self.path.parent}; "
+                "wait for it to finish or choose another train.out_dir."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def step_dirs(out_dir: Path) -> list[tuple[int, Path]]:
+    out = []
+    if out_dir.is_dir():
+        for p in out_dir.iterdir():
+            m = STEP_DIR.match(p.name)
+            if m and p.is_dir() and not p.is_symlink():
+                out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def is_complete(folder: Path) -> bool:
+    need = ("model.safetensors", "config.json", "meta.json", "optimizer.safetensors", "trainer_state.json")
+    if not all((folder / n).is_file() for n in need):
+        return False
+    try:
+        json.loads((folder / "meta.json").read_text())
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return True
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    for _, p in reversed(step_dirs(out_dir)):
+        if is_complete(p):
+            return p
+    return None
+
+
+def clean_stale_temps(out_dir: Path) -> None:
+    if out_dir.is_dir():
+        for p in out_dir.glob(".tmp-step-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _point(out_dir: Path, name: str, target: Path) -> None:
+    link = out_dir / name
+    tmp = out_dir / f".{name}.{os.getpid()}.lnk"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target.name, tmp)
+    os.replace(tmp, link)
+
+
+def save_checkpoint(
+    out_dir: Path,
+    step: int,
+    model: GPT,
+    optimizer: torch.optim.Optimizer | None,
+    meta: dict,
+    trainer_state: dict,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+    is_best: bool = False,
+    keep_last: int = 2,
+) -> Path:
+    """Write step-NNNNNN atomically, point `last` (and `best`) at it, prune old ones."""
+    final = out_dir / f"step-{step:06d}"
+    tmp = out_dir / f".tmp-step-{step:06d}-{os.getpid()}"
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_model_files(model, tmp)
+        tensors, opt_info = optimizer_tensors(optimizer) if optimizer is not None else ({}, {})
+        tensors.update(extra_tensors or {})
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "optimizer": opt_info}) + "\n")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(out_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(
+                f"the disk filled up while writing checkpoint {final}; the previous checkpoint is intact. "
+                "Free some space and rerun with --resume."
+            ) from None
+        raise UserError(f"cannot write checkpoint {final} ({e.strerror}); the previous checkpoint is intact.") from None
+    _point(out_dir, "last", final)
+    if is_best:
+        _point(out_dir, "best", final)
+    _prune(out_dir, keep_last)
+    return final
+
+
+def _prune(out_dir: Path, keep_last: int) -> None:
+    keep = set()
+    for name in ("last", "best"):
+        link = out_dir / name
+        if link.is_symlink():
+            keep.add((out_dir / os.readlink(link)).name)
+    dirs = step_dirs(out_dir)
+    for _, p in dirs[: max(0, len(dirs) - max(keep_last, 1))]:
+        if p.name not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def read_trainer_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    info = read_json(folder / "trainer_state.json", "the checkpoint is incomplete; use another one.")
+    path = folder / "optimizer.safetensors"
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is truncated or corrupt ({str(e)[:80]}); use another checkpoint.") from None
+    return info, tensors
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
