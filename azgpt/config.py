@@ -95,6 +95,9 @@ class TrainConfig:
     """'auto' (bf16 on capable CUDA, else no), 'bf16', 'fp16' or 'no'."""
     compile: str = "auto"
     """torch.compile: 'auto' (on for CUDA, off on CPU), 'on', 'off', or a mode ('reduce-overhead', 'max-autotune')."""
+    stop_at: int = 0
+    """Stop (with a checkpoint) after this step though the schedule runs to max_iters; resume
+    later with --resume. 0 runs to max_iters. For time-boxed or preemptible jobs."""
     seed: int = 1337
     """Seeds the model init and the data loader."""
     keep_last: int = 2
@@ -115,7 +118,7 @@ class TrainConfig:
             v = getattr(self, name)
             if v <= 0:
                 raise ConfigError(f"train.{name} must be a positive integer, got {v}.")
-        for name in ("eval_iters", "warmup_iters", "keep_last", "sample_tokens"):
+        for name in ("eval_iters", "warmup_iters", "keep_last", "sample_tokens", "stop_at"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}.")
         if self.batch_size > 1_000_000:

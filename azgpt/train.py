@@ -354,7 +354,8 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
             optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    while step < tc.max_iters:
+    end = min(tc.max_iters, tc.stop_at) if tc.stop_at else tc.max_iters
+    while step < end:
         lr = lr_at(step, lr=tc.lr, min_lr=tc.min_lr, warmup_iters=tc.warmup_iters, max_iters=tc.max_iters)
         for g in optimizer.param_groups:
             g["lr"] = lr
@@ -381,7 +382,7 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
         loss_buf[len(buf_steps)] = step_loss
         buf_steps.append(step)
         step += 1
-        if len(buf_steps) == tc.log_interval or step == tc.max_iters:
+        if len(buf_steps) == tc.log_interval or step == end:
             losses = accelerator.reduce(loss_buf[: len(buf_steps)].clone(), reduction="mean").tolist()  # one sync
             bad = [s for s, v in zip(buf_steps, losses) if not math.isfinite(v)]
             if bad and tc.nan_policy == "skip":
@@ -416,7 +417,7 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
             pbar.set_postfix(post, refresh=False)
             pbar.update(len(buf_steps))
             buf_steps = []
-        if step % tc.eval_interval == 0 or step == tc.max_iters:
+        if step % tc.eval_interval == 0 or step == end:
             if buf_steps and tc.nan_policy == "stop":  # no unchecked step goes into a checkpoint
                 continue_check = accelerator.reduce(loss_buf[: len(buf_steps)].clone(), reduction="mean").tolist()
                 if not all(math.isfinite(v) for v in continue_check):

@@ -1,0 +1,181 @@
+"""Evaluation: loss, perplexity and bits per UTF-8 byte of text or token files, and the built-in
+Azerbaijani probes.
+
+Protocol for raw text (see README): every document is scored on its own, conditioned on a
+leading `<|endoftext|>`; the tokens of the document are scored (not a closing end-of-text).
+Documents longer than the context are scored in sliding windows: each window holds
+`block_size` tokens, moves by `stride`, and scores only the tokens no earlier window scored, so
+every token is scored once with at least `block_size - stride` tokens of context.
+bits per byte = (sum of negative log-likelihoods in nats) / (ln 2 * UTF-8 bytes of the text).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .checkpoint import load_model
+from .corpus import discover, iter_corpus
+from .errors import UserError
+from .model import GPT
+from .sample import checkpoint_tokenizer, pick_device
+from .tokenizer import EOT, encode, nfc, token_byte_lengths
+
+
+def windows(n_ids: int, block: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows over a sequence of n_ids tokens (ids[0] is the leading end-of-text).
+
+    Returns (begin, end, first): the window's inputs are ids[begin:end], its targets
+    ids[begin+1:end+1], and targets with index >= first are the ones this window scores.
+    """
+    n = n_ids - 1  # targets are ids[1..n]
+    out = []
+    b, scored = 0, 1
+    while True:
+        e = min(b + block, n)
+        out.append((b, e, scored))
+        scored = e + 1
+        if e >= n:
+            break
+        b = min(b + stride, n - block)
+    return out
+
+
+@torch.no_grad()
+def score_sequences(model: GPT, seqs: list[list[int]], stride: int, batch_size: int, device, progress=None) -> tuple[float, int]:
+    """Sum of NLL (nats) and count of scored tokens over all `seqs` (each starts with EOT)."""
+    T = model.config.block_size
+    jobs = []  # (inputs, targets, mask-from)
+    for ids in seqs:
+        if len(ids) < 2:
+            continue
+        for b, e, first in windows(len(ids), T, stride):
+            jobs.append((ids[b:e], ids[b + 1 : e + 1], first - (b + 1)))
+    # Longest first keeps padding low; order does not change the sums.
+    jobs.sort(key=lambda j: -len(j[0]))
+    nll, count = 0.0, 0
+    for i in range(0, len(jobs), batch_size):
+        chunk = jobs[i : i + batch_size]
+        L = max(len(j[0]) for j in chunk)
+        x = torch.zeros(len(chunk), L, dtype=torch.long)
+        y = torch.full((len(chunk), L), -1, dtype=torch.long)
+        for r, (inp, tgt, skip) in enumerate(chunk):
+            x[r, : len(inp)] = torch.tensor(inp)
+            t = torch.tensor(tgt)
+            t[:skip] = -1
+            y[r, : len(tgt)] = t
+        x, y = x.to(device), y.to(device)
+        logits, _ = model(x)
+        losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1, reduction="sum")
+        nll += float(losses)
+        count += int((y >= 0).sum())
+        if progress is not None:
+            progress.update(len(chunk))
+    return nll, count
+
+
+def _summary(nll: float, tokens: int, nbytes: int, docs: int) -> dict:
+    loss = nll / tokens
+    return {
+        "loss": round(loss, 6),
+        "perplexity": round(math.exp(min(loss, 50)), 4),
+        "bpb": round(nll / (math.log(2) * nbytes), 6),
+        "tokens": tokens,
+        "bytes": nbytes,
+        "documents": docs,
+    }
+
+
+def eval_texts(model, tok, files: list[str], *, line_docs=False, stride=None, batch_size=8, device="cpu") -> dict:
+    from tqdm.auto import tqdm
+
+    paths = discover(files)
+    eot = tok.token_to_id(EOT)
+    seqs, nbytes, docs = [], 0, 0
+    for d in iter_corpus(paths, Counter(), line_docs=line_docs):
+        d = nfc(d.strip())
+        if not d:
+            continue
+        seqs.append([eot] + encode(tok, d))
+        nbytes += len(d.encode("utf-8"))
+        docs += 1
+    if not docs:
+        raise UserError(f"{', '.join(files)} holds no text to score after cleaning; give files with documents.")
+    T = model.config.block_size
+    stride = stride or max(1, T // 2)
+    if not 0 < stride <= T:
+        raise UserError(f"--stride must be in [1, {T}] (the model's context), got {stride}.")
+    n_windows = sum(len(windows(len(s), T, stride)) for s in seqs)
+    with tqdm(total=n_windows, desc="eval", unit="win", leave=False) as bar:
+        nll, count = score_sequences(model, seqs, stride, batch_size, device, bar)
+    return _summary(nll, count, nbytes, docs)
+
+
+def eval_tokens(model, tok, path: str, *, batch_size=8, device="cpu") -> dict:
+    from .data import load_tokens
+
+    arr = load_tokens(Path(path))
+    T = model.config.block_size
+    if len(arr) < 2:
+        raise UserError(f"token file {path} holds fewer than two tokens; nothing to score.")
+    if int(arr.max()) >= model.config.vocab_size:
+        raise UserError(f"token file {path} holds ids at or above the model's vocab size {model.config.vocab_size}.")
+    lens = token_byte_lengths(tok)
+    seqs = [arr[i : i + T + 1].astype(np.int64).tolist() for i in range(0, len(arr) - 1, T)]
+    nll, count = score_sequences(model, seqs, T, batch_size, device)
+    scored = arr[1 : 1 + count]
+    nbytes = int(lens[np.asarray(scored, dtype=np.int64)].sum())
+    docs = int((arr == tok.token_to_id(EOT)).sum())
+    return _summary(nll, count, max(nbytes, 1), docs)
+
+
+@torch.no_grad()
+def continuation_logprob(model: GPT, prefix: list[int], cont: list[int], device) -> float:
+    ids = (prefix + cont)[-(model.config.block_size + 1) :]
+    x = torch.tensor([ids[:-1]], device=device)
+    y = torch.tensor(ids[1:], device=device)
+    logits, _ = model(x)
+    lp = F.log_softmax(logits[0].float(), dim=-1)
+    k = len(cont)
+    return float(lp[-k:].gather(1, y[-k:, None]).sum())
+
+
+def eval_probes(model, tok, device="cpu") -> dict:
+    from .probe_items import PROBES
+
+    eot = tok.token_to_id(EOT)
+    right: dict[str, int] = defaultdict(int)
+    total: dict[str, int] = defaultdict(int)
+    for group, prompt, cands, answer in PROBES:
+        prefix = [eot] + encode(tok, prompt)
+        scores = [continuation_logprob(model, prefix, encode(tok, c), device) for c in cands]
+        total[group] += 1
+        right[group] += int(int(np.argmax(scores)) == answer)
+    out = {g: round(right[g] / total[g], 4) for g in total}
+    out["overall"] = round(sum(right.values()) / sum(total.values()), 4)
+    out["items"] = sum(total.values())
+    return out
+
+
+def run_eval(ckpt, *, texts=None, tokens=None, probes=False, line_docs=False, tokenizer=None,
+             batch_size=8, device="auto", stride=None) -> dict:
+    if not texts and not tokens and not probes:
+        raise UserError("give something to evaluate: --text FILE..., --tokens FILE or --probes.")
+    dev = pick_device(device)
+    model, meta = load_model(ckpt, dev)
+    model.eval()
+    tok = checkpoint_tokenizer(meta, tokenizer, Path(ckpt))
+    out: dict = {}
+    if texts:
+        out.update(eval_texts(model, tok, texts, line_docs=line_docs, stride=stride, batch_size=batch_size, device=dev))
+    if tokens:
+        res = eval_tokens(model, tok, tokens, batch_size=batch_size, device=dev)
+        out.update(res if not texts else {f"tokens_{k}": v for k, v in res.items()})
+    if probes:
+        out["probes"] = eval_probes(model, tok, dev)
+    return out

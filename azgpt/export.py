@@ -1,0 +1,142 @@
+"""Export to a Hugging Face transformers folder (GPT2LMHeadModel + a fast tokenizer).
+
+azgpt's parameter names are GPT-2's, so export is a key map: the only change is that GPT-2's
+Conv1D layers store their weights transposed (in_features, out_features).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_model
+from .errors import UserError, fsync_dir
+from .sample import checkpoint_tokenizer
+from .tokenizer import EOT
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
+    sd = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        if k.endswith(CONV1D):
+            v = v.t().contiguous()
+        sd[k] = v
+    c = model.config
+    if not c.bias:  # GPT-2 always has biases: zeros are the same function
+        for i in range(c.n_layer):
+            p = f"transformer.h.{i}."
+            sd[p + "attn.c_attn.bias"] = torch.zeros(3 * c.n_embd)
+            sd[p + "attn.c_proj.bias"] = torch.zeros(c.n_embd)
+            sd[p + "mlp.c_fc.bias"] = torch.zeros(4 * c.n_embd)
+            sd[p + "mlp.c_proj.bias"] = torch.zeros(c.n_embd)
+            sd[p + "ln_1.bias"] = torch.zeros(c.n_embd)
+            sd[p + "ln_2.bias"] = torch.zeros(c.n_embd)
+        sd["transformer.ln_f.bias"] = torch.zeros(c.n_embd)
+    return sd
+
+
+def _model_card(meta: dict, cfg, n_params: int) -> str:
+    fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "n/a"  # noqa: E731
+    return "\n".join(
+        [
+            "---",
+            "language: az",
+            "library_name: transformers",
+            "pipeline_tag: text-generation",
+            "tags: [azgpt, gpt2, azerbaijani]",
+            "---",
+            "",
+            "# Azerbaijani GPT trained with azgpt",
+            "",
+            f"A GPT-2-architecture model ({n_params / 1e6:.1f}M parameters: {cfg.n_layer} layers, {cfg.n_head} heads, "
+            f"width {cfg.n_embd}, context {cfg.block_size}, vocab {cfg.vocab_size}) trained from scratch on Azerbaijani text.",
+            "",
+            "| fact | value |",
+            "|---|---|",
+            f"| training steps | {fmt(meta.get('step'), ',')} |",
+            f"| tokens seen | {fmt(meta.get('tokens_seen'), ',')} |",
+            f"| validation loss (nats/token) | {fmt(meta.get('val_loss'), '.4f')} |",
+            f"| validation bits per byte | {fmt(meta.get('val_bpb'), '.4f')} |",
+            f"| tokenizer sha256 | `{meta.get('tokenizer_sha256', 'n/a')}` |",
+            f"| azgpt version | {meta.get('azgpt_version', 'n/a')} |",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            'tok = AutoTokenizer.from_pretrained("PATH")',
+            'model = AutoModelForCausalLM.from_pretrained("PATH")',
+            'ids = tok("Azərbaycanın paytaxtı", return_tensors="pt").input_ids',
+            "print(tok.decode(model.generate(ids, max_new_tokens=30, do_sample=True)[0]))",
+            "```",
+            "",
+        ]
+    )
+
+
+def export_hf(ckpt: str, out: str, *, tokenizer: str | None = None, force: bool = False) -> Path:
+    try:
+        from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    except ImportError:
+        raise UserError("export needs transformers; install it with `pip install azgpt[hf]`.") from None
+    out_dir = Path(out)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+        raise UserError(f"export folder {out_dir} exists and is not empty; choose another --out or pass --force.")
+    model, meta = load_model(ckpt, "cpu")
+    tok = checkpoint_tokenizer(meta, tokenizer, Path(ckpt))
+    c = model.config
+    eot = tok.token_to_id(EOT)
+    pad = tok.token_to_id("<|pad|>")
+    hf_cfg = GPT2Config(
+        vocab_size=c.vocab_size,
+        n_positions=c.block_size,
+        n_embd=c.n_embd,
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        layer_norm_epsilon=1e-5,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        pad_token_id=pad,
+        tie_word_embeddings=True,
+    )
+    hf = GPT2LMHeadModel(hf_cfg)
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
+    bad_missing = [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias", "lm_head.weight"))]
+    if bad_missing or unexpected:
+        raise RuntimeError(f"export key map is incomplete: missing {bad_missing[:5]}, unexpected {unexpected[:5]}")
+    hf.tie_weights()
+    hf.eval()
+
+    tmp = out_dir.parent / f".{out_dir.name}.export-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        hf.save_pretrained(tmp, safe_serialization=True)
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token=EOT, eos_token=EOT, unk_token=None, pad_token="<|pad|>",
+            model_max_length=c.block_size, clean_up_tokenization_spaces=False,
+        )
+        fast.save_pretrained(tmp)
+        GenerationConfig(
+            bos_token_id=eot, eos_token_id=eot, pad_token_id=pad, do_sample=True,
+            temperature=0.8, top_k=50, top_p=0.95, max_new_tokens=100,
+        ).save_pretrained(tmp)
+        (tmp / "README.md").write_text(_model_card(meta, c, model.num_params()), encoding="utf-8")
+        (tmp / "azgpt_meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if out_dir.exists():
+            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
+        tmp.rename(out_dir)
+        fsync_dir(out_dir.parent)
+    except OSError as e:
+        raise UserError(f"cannot write export folder {out_dir} ({e.strerror}); choose a writable --out.") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
