@@ -1,7 +1,8 @@
 """Evaluation: loss, perplexity and bits per UTF-8 byte of text or token files, and the built-in
 Azerbaijani probes.
 
-Protocol for raw text (see README): every document is scored on its own, conditioned on a
+Protocol for raw text (see README): documents are cleaned with `azgpt clean`'s repairs (no
+filter), then every document is scored on its own, conditioned on a
 leading `<|endoftext|>`; the tokens of the document are scored (not a closing end-of-text).
 Documents longer than the context are scored in sliding windows: each window holds
 `block_size` tokens, moves by `stride`, and scores only the tokens no earlier window scored, so
@@ -24,7 +25,8 @@ from .corpus import discover, iter_corpus
 from .errors import UserError
 from .model import GPT
 from .sample import checkpoint_tokenizer, pick_device
-from .tokenizer import EOT, encode, nfc, token_byte_lengths
+from .text import clean_document
+from .tokenizer import EOT, encode, token_byte_lengths
 
 
 def windows(n_ids: int, block: int, stride: int) -> list[tuple[int, int, int]]:
@@ -98,7 +100,7 @@ def eval_texts(model, tok, files: list[str], *, line_docs=False, stride=None, ba
     eot = tok.token_to_id(EOT)
     seqs, nbytes, docs = [], 0, 0
     for d in iter_corpus(paths, Counter(), line_docs=line_docs):
-        d = nfc(d.strip())
+        d, _ = clean_document(d)  # the same repairs the training text went through
         if not d:
             continue
         seqs.append([eot] + encode(tok, d))
