@@ -109,7 +109,7 @@ def eval_texts(model, tok, files: list[str], *, line_docs=False, stride=None, ba
     if not docs:
         raise UserError(f"{', '.join(files)} holds no text to score after cleaning; give files with documents.")
     T = model.config.block_size
-    stride = stride or max(1, T // 2)
+    stride = max(1, T // 2) if stride is None else stride
     if not 0 < stride <= T:
         raise UserError(f"--stride must be in [1, {T}] (the model's context), got {stride}.")
     n_windows = sum(len(windows(len(s), T, stride)) for s in seqs)
