@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import azgpt.data
 from azgpt.corpus import discover, iter_corpus
 from azgpt.data import run_prepare
 from azgpt.tokenizer import (
@@ -35,6 +36,18 @@ def read_output_docs(path: str | Path) -> list[str]:
     text = Path(path).read_text(encoding="utf-8")
     assert text.endswith("\n")
     return text[:-1].split("\n\n")
+
+
+@pytest.fixture(autouse=True)
+def fresh_prepare_worker_state(monkeypatch):
+    """Give every test its own copy of azgpt.data's per-process encoder state.
+
+    run_prepare keeps the encoder in the module-global dict azgpt.data._WORKER and never clears
+    it, so one run leaks its encoder into the next run in the same process (see
+    test_data.py::test_prepare_does_not_reuse_encoder_of_previous_run). Resetting it here keeps
+    the other tests independent of their order.
+    """
+    monkeypatch.setattr(azgpt.data, "_WORKER", {})
 
 
 @pytest.fixture(scope="session")
@@ -81,6 +94,16 @@ def tok(tokenizer_dir):
 @pytest.fixture(scope="session")
 def prepared_dir(tmp_path_factory, sample_dir, tokenizer_dir) -> Path:
     out = tmp_path_factory.mktemp("prepared")
+    saved = azgpt.data._WORKER
+    azgpt.data._WORKER = {}
+    try:
+        _run_prepare_sample(sample_dir, tokenizer_dir, out)
+    finally:
+        azgpt.data._WORKER = saved
+    return out
+
+
+def _run_prepare_sample(sample_dir, tokenizer_dir, out) -> None:
     run_prepare(
         [str(sample_dir)],
         str(tokenizer_dir),
@@ -90,4 +113,3 @@ def prepared_dir(tmp_path_factory, sample_dir, tokenizer_dir) -> Path:
         workers=1,
         backend="tokenizers",
     )
-    return out

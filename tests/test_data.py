@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import azgpt
+import azgpt.data
 from azgpt.clean import run_clean, write_report
 from azgpt.corpus import discover, iter_corpus
 from azgpt.data import MANIFEST, TokenData, run_prepare
@@ -398,7 +399,7 @@ def test_prepare_jsonl_input(tmp_path, tokenizer_dir, tok):
     assert Counter(docs) == Counter(AZ_DOCS)
 
 
-def test_prepare_literal_special_token_text(tmp_path, tokenizer_dir, tok):
+def test_prepare_literal_special_token_text(tmp_path, tokenizer_dir, tok, monkeypatch):
     # Web text can hold the literal string "<|endoftext|>". It is text, not a document boundary:
     # the tiktoken backend (encode_ordinary) encodes it as ordinary bytes, but the "tokenizers"
     # backend (Tokenizer.encode_batch, like tokenizer.encode) matches added special tokens in the
@@ -414,6 +415,8 @@ def test_prepare_literal_special_token_text(tmp_path, tokenizer_dir, tok):
     src = write_txt(tmp_path / "in.txt", docs)
     results = {}
     for backend in ("tiktoken", "tokenizers"):
+        # A fresh encoder state per run (see test_prepare_does_not_reuse_encoder_of_previous_run).
+        monkeypatch.setattr(azgpt.data, "_WORKER", {})
         out = tmp_path / backend
         r = run_prepare([str(src)], str(tokenizer_dir), str(out), val_fraction=0.3, workers=1, backend=backend)
         m = r.manifest
@@ -424,6 +427,32 @@ def test_prepare_literal_special_token_text(tmp_path, tokenizer_dir, tok):
             f"backend {backend}: {n_eot} EOT ids for {len(docs)} documents"
         )
     assert results["tokenizers"][0] == results["tiktoken"][0]
+
+
+def test_prepare_does_not_reuse_encoder_of_previous_run(tmp_path, sample_dir, tokenizer_dir, sample_docs, tok):
+    # With workers=1 run_prepare sets up its encoder in this process (azgpt.data._init_worker
+    # fills the module-global dict _WORKER) and never clears it. _encode_batch prefers
+    # _WORKER["enc"] whenever it is present, so after one tiktoken run every later run in the
+    # same process -- whatever its --tokenizer or --backend -- silently encodes with the FIRST
+    # run's tiktoken encoding, while its manifest records the new tokenizer's sha256 and
+    # backend "tokenizers". (Forked pool workers inherit the same stale dict.)
+    pytest.importorskip("tiktoken")
+    from azgpt.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+
+    small_dir = tmp_path / "small_tok"
+    save_tokenizer(train_tokenizer(sample_docs, vocab_size=300), small_dir)
+    small = load_tokenizer(small_dir)
+
+    _prepare(sample_dir, tokenizer_dir, tmp_path / "first", backend="tiktoken")
+    r = _prepare(sample_dir, small_dir, tmp_path / "second", backend="tokenizers")
+    assert r.manifest["tokenizer"]["vocab_size"] == 300
+    train = np.asarray(load(tmp_path / "second", "train"))
+    assert int(train.max()) < 300, (
+        f"token file of a 300-id tokenizer holds id {int(train.max())}: encoded with the previous run's tokenizer"
+    )
+    eot = eot_id(small)
+    decoded = [decode(small, ids) for s in ("train", "val") for ids in split_docs(load(tmp_path / "second", s), eot)]
+    assert Counter(decoded) == Counter(sample_docs)
 
 
 def test_prepare_nfc_normalises_documents(tmp_path, tokenizer_dir, tok):

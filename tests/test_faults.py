@@ -81,7 +81,7 @@ def test_kill_during_checkpoint_write_then_resume_is_exact(data, tmp_path):
 @pytest.mark.slow
 def test_twenty_random_kills_lose_nothing(data, tmp_path):
     tok, d = data
-    over = {"train.max_iters": 40, "train.eval_interval": 2}
+    over = {"train.max_iters": 6000, "train.eval_interval": 40, "train.eval_iters": 1, "train.log_interval": 10}
     train(tiny_config(tok, d, tmp_path / "straight", **over))
     out = tmp_path / "killed"
     rng = random.Random(0)
@@ -89,7 +89,7 @@ def test_twenty_random_kills_lose_nothing(data, tmp_path):
     while kills < 20:
         env = {"AZGPT_FAULT_SLOW_SAVE": "0.3"} if kills % 2 else {}
         p = start_trainer(tok, d, out, env=env, **over)
-        time.sleep(rng.uniform(2.0, 5.0))
+        time.sleep(rng.uniform(1.5, 4.5))  # start-up, training steps or a checkpoint write
         if p.poll() is not None:
             break  # finished before the kill
         kill9(p)
@@ -97,9 +97,9 @@ def test_twenty_random_kills_lose_nothing(data, tmp_path):
         assert_no_half_checkpoint_is_latest(out)
     r = azgpt("train", "--config", CFG, "--resume", *tiny_overrides(tok, d, out, **over))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads((out / "last" / "meta.json").read_text())["step"] == 40
+    assert json.loads((out / "last" / "meta.json").read_text())["step"] == 6000
     assert same_weights(tmp_path / "straight" / "last", out / "last")
-    assert kills >= 5
+    assert kills == 20
 
 
 def test_disk_full_while_checkpointing(data, tmp_path, monkeypatch):
