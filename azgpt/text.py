@@ -25,8 +25,14 @@ _FTFY = ftfy.TextFixerConfig(
     fix_character_width=False,
     fix_latin_ligatures=False,
     unescape_html=False,
+    # "â€ " is read as E2 80 A0 (a dagger) by this rule; in Azerbaijani text it is far more often
+    # a closing quote (E2 80 9D) that lost its 0x9D, which the residual pass restores.
+    restore_byte_a0=False,
+    # Its guesses on lines mixing text and mojibake turn "â€ " into a dagger; the residual pass
+    # below handles mixed lines character by character instead.
+    decode_inconsistent_utf8=False,
     normalization="NFC",
-    explain=False,
+    explain=True,
 )
 
 # Codecs that UTF-8 bytes are commonly mis-decoded with, in the order they are tried, and the
@@ -39,7 +45,7 @@ _MOJIBAKE_CODECS = {
 }
 # Characters that almost only occur in mojibake of Azerbaijani UTF-8 text (lead bytes of
 # ə ı İ ş ğ ç ö ü Ə and emoji read as cp1252/cp1254/cp1251).
-_MOJIBAKE_MARKERS = set("ÃÄÅÆÉÐÑâðЙДСРГЖ™Ÿ€±") | {chr(c) for c in range(0x80, 0xA0)}
+_MOJIBAKE_MARKERS = set("ÃÄÅÆÉÐÑâðЙДСРГЖЋџ™Ÿ€±") | {chr(c) for c in range(0x80, 0xA0)}
 _PLAUSIBLE_PUNCT = set("«»“”„‘’‚–—…№°•·€©®™×÷±²³½¼¾§¶")
 _COMMON_CYRILLIC = set(
     "АБВГДЕЁЖЗИЙКЛМНОПРСТУФХЦЧШЩЪЫЬЭЮЯабвгдеёжзийклмнопрстуфхцчшщъыьэюяӘәҒғҜҝҺһӨөҮүҸҹЈј"
@@ -76,7 +82,7 @@ _INVISIBLE = re.compile("[\u200b\u200c\u200e\u200f\u202a-\u202e\u2060-\u2064\u20
 _ZWJ_NEAR_LETTER = re.compile(r"(?<=\w)\u200d|\u200d(?=\w)")
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _SPACES = re.compile("[\t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000 ]+")
-_WORD = re.compile(r"\S+")
+_LETTERS = re.compile(r"[^\W\d_]+")
 _CYRILLIC = re.compile("[\u0400-\u04ff]")
 _LATIN_LETTER = re.compile("[A-Za-zÀ-ɏ]")
 
@@ -105,13 +111,20 @@ def _rank(c: str) -> int | None:
     return None
 
 
-def _byte(c: str, codec: str) -> int | None:
+def _byte(c: str, codec: str, undefined: bytes = b"") -> int | None:
     try:
         b = c.encode(codec)
     except UnicodeEncodeError:
-        # sloppy decoders and latin-1 turn undefined bytes into C1 controls: map them back.
+        # Sloppy decoders and latin-1 turn undefined bytes into C1 controls, and ftfy turns those
+        # into their cp1252 characters (0x8E -> Ž): map either back to the byte.
         o = ord(c)
-        return o if 0x80 <= o < 0xA0 else None
+        if 0x80 <= o < 0xA0:
+            return o
+        try:
+            b = c.encode("cp1252")
+        except UnicodeEncodeError:
+            return None
+        return b[0] if len(b) == 1 and b[0] in undefined else None
     return b[0] if len(b) == 1 else None
 
 
@@ -125,22 +138,26 @@ def _utf8_len(lead: int) -> int:
     return 0
 
 
-def _undo_codec(line: str, codec: str, undefined: bytes) -> tuple[str, int]:
+def _undo_codec(line: str, codec: str, undefined: bytes, weak: bool) -> tuple[str, int]:
     """Re-decode every UTF-8 sequence in `line` that was read as `codec`; correct text stays.
 
     Single-byte codecs map one character to one byte, so the line is walked character by
     character: a lead byte followed by continuation bytes is replaced by the character they
     encode when that character is plausible. One missing continuation byte (a byte the codec
     leaves undefined, dropped in transit) is re-inserted where that gives a plausible character.
+    A lead byte with no continuation at all is only completed when `weak` is set (the line holds
+    other mojibake) and the result is an Azerbaijani letter: on its own, `Г` or `Ä` is far more
+    often a real Cyrillic letter or an old spelling of `ə` than a damaged `Ø` or `Ğ`. `Æ` is the
+    exception: Azerbaijani never uses it, and it is what `Ə` (C6 8F) becomes without its 0x8F.
     """
     out, i, n, fixes = [], 0, len(line), 0
     while i < n:
-        lead = _byte(line[i], codec)
+        lead = _byte(line[i], codec, undefined)
         need = _utf8_len(lead) if lead is not None and line[i] in _LEADS else 0
         if need:
             conts = []
             for c in line[i + 1 : i + need]:
-                b = _byte(c, codec)
+                b = _byte(c, codec, undefined)
                 if b is None or not 0x80 <= b <= 0xBF:
                     break
                 conts.append(b)
@@ -149,7 +166,7 @@ def _undo_codec(line: str, codec: str, undefined: bytes) -> tuple[str, int]:
                 ch = bytes([lead, *conts]).decode("utf-8", errors="replace")
                 if len(ch) == 1 and _rank(ch) is not None:
                     got = (ch, need)
-            if got is None and len(conts) >= need - 2:
+            if got is None and len(conts) >= need - 2 and (need > 2 or weak or line[i] == "Æ"):
                 have = conts[: need - 2]
                 best = None
                 for pos in range(len(have) + 1):
@@ -157,6 +174,8 @@ def _undo_codec(line: str, codec: str, undefined: bytes) -> tuple[str, int]:
                         seq = bytes([lead, *have[:pos], u, *have[pos:]])
                         ch = seq.decode("utf-8", errors="replace")
                         r = _rank(ch) if len(ch) == 1 else None
+                        if need == 2 and r != 0:
+                            continue
                         if r is not None and (best is None or r < best[0]):
                             best = (r, ch)
                 if best:
@@ -173,26 +192,40 @@ def _undo_codec(line: str, codec: str, undefined: bytes) -> tuple[str, int]:
 
 # Characters that start a UTF-8 multi-byte sequence when read as one of the codecs above.
 _LEADS = set("ÂÃÄÅÆÇÈÉÊËÌÍÎÏÐÑÒÓÔÕÖ×ØÙÚÛÜÝÞßàáâãäåæçèéêëìíîïðñòóôğıŞşİ") | set(
-    "ВГДЕЖЗИЙКЛМНОПРСТУФ"
+    "ВГДЕЖЗИЙКЛМНОПРСТУФвр"
 )
 
 
 def repair_mojibake(line: str, stats: Counter) -> str:
-    """ftfy first, then a character-level pass for what ftfy leaves (lines mixing good text
-    and mojibake, bytes dropped in transit, cp1254 and cp1251 readings)."""
-    fixed = ftfy.fix_text(line, _FTFY)
+    """Undo UTF-8 read as cp1252 / cp1254 / latin-1 / cp1251, also in lines that mix correct
+    text with mojibake and where bytes were dropped in transit.
+
+    Lines without any mojibake marker are returned as they are (most of a clean corpus, and the
+    reason `clean` is fast). Otherwise ftfy first (whole-line and layered mojibake, many
+    encodings), then a character-level pass for what it leaves (mixed lines, cp1254, cp1251),
+    then the pass that restores dropped bytes, which only runs when the line has shown mojibake.
+    """
+    if not any(c in _MOJIBAKE_MARKERS for c in line):
+        return line
+    fixed = ftfy.fix_and_explain(line, _FTFY).text
     if fixed != line:
         stats["mojibake_ftfy"] += 1
-    if not any(c in _MOJIBAKE_MARKERS for c in fixed):
-        return fixed
-    for codec, undefined in _MOJIBAKE_CODECS.items():
-        fixed, k = _undo_codec(fixed, codec, undefined)
-        if k:
-            stats["mojibake_residual"] += k
+    evidence = fixed != line
+    for weak in (False, True):
+        if weak and not evidence:
+            break
+        for codec, undefined in _MOJIBAKE_CODECS.items():
+            fixed, k = _undo_codec(fixed, codec, undefined, weak)
+            if k:
+                stats["mojibake_residual"] += k
+                evidence = True
     return fixed
 
 
 def fix_lookalikes(text: str, stats: Counter) -> str:
+    """ǝ/Ǝ -> ə/Ə always; Cyrillic look-alikes -> Latin inside letter runs that mix both scripts
+    (only when every Cyrillic letter of the run is a look-alike, so a Russian word glued to a
+    Latin one stays intact), and a lone Cyrillic ә/Ә in mostly-Latin text."""
     for bad, good in _SCHWA_LOOKALIKES.items():
         k = text.count(bad)
         if k:
@@ -200,17 +233,21 @@ def fix_lookalikes(text: str, stats: Counter) -> str:
             stats["lookalike_schwa"] += k
     if not _CYRILLIC.search(text):
         return text
+    n_cyr = len(_CYRILLIC.findall(text))
+    mostly_latin = len(_LATIN_LETTER.findall(text)) > 4 * n_cyr
 
     def sub(m: re.Match) -> str:
         w = m.group(0)
-        if not (_CYRILLIC.search(w) and _LATIN_LETTER.search(w)):
+        cyr = [c for c in w if "\u0400" <= c <= "\u04ff"]
+        if not cyr or not all(c in _CYR_LOOKALIKE for c in cyr):
+            return w
+        if not _LATIN_LETTER.search(w) and not (mostly_latin and set(cyr) <= {"ә", "Ә"}):
             return w
         out = "".join(_CYR_LOOKALIKE.get(c, c) for c in w)
-        if out != w:
-            stats["lookalike_cyrillic"] += sum(a != b for a, b in zip(w, out))
+        stats["lookalike_cyrillic"] += len(cyr)
         return out
 
-    return _WORD.sub(sub, text)
+    return _LETTERS.sub(sub, text)
 
 
 def cyrillic_to_latin(text: str, stats: Counter) -> str:
