@@ -28,7 +28,7 @@ demo: setup
 	$(VENV)/bin/azgpt prepare $(DEMO)/clean.txt --tokenizer $(DEMO)/tokenizer --out $(DEMO)/data --val-fraction 0.05
 	$(VENV)/bin/azgpt train --config configs/tiny.toml
 	$(VENV)/bin/azgpt sample --ckpt runs/tiny/last --prompt "Azərbaycanın paytaxtı" --max-new-tokens 40 --num-samples 2
-	$(VENV)/bin/azgpt eval --ckpt runs/tiny/best --text data/sample/history.txt --probes
+	$(VENV)/bin/azgpt eval --ckpt runs/tiny/best --tokens $(DEMO)/data/val.npy --probes
 	$(VENV)/bin/azgpt report runs/tiny
 	@echo
 	@echo "demo done:"

@@ -39,8 +39,14 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in sd.items() if k != TIED}
 
 
-def save_model_files(model: GPT, folder: Path) -> None:
-    save_file(model_state(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+def save_model_files(model: GPT, folder: Path, state: dict | None = None) -> None:
+    """`state`: an already gathered full state dict (FSDP), else the model's own."""
+    sd = (
+        model_state(model)
+        if state is None
+        else {k: v.contiguous().cpu() for k, v in state.items() if k != TIED}
+    )
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
 
 
@@ -60,13 +66,17 @@ def load_model(ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     """Build the model from config.json and load model.safetensors; returns (model, meta)."""
     folder = Path(ckpt)
     if not folder.is_dir():
-        raise UserError(f"checkpoint folder {folder} does not exist; pass a folder such as runs/tiny/last.")
+        raise UserError(
+            f"checkpoint folder {folder} does not exist; pass a folder such as runs/tiny/last."
+        )
     fix = "the checkpoint is incomplete or damaged; use another checkpoint (e.g. an earlier step-* folder)."
     cfg_d = read_json(folder / "config.json", fix)
     try:
         cfg = GPTConfig(**cfg_d)
     except TypeError:
-        raise UserError(f"{folder / 'config.json'} does not describe an azgpt model; {fix}") from None
+        raise UserError(
+            f"{folder / 'config.json'} does not describe an azgpt model; {fix}"
+        ) from None
     meta = read_json(folder / "meta.json", fix) if (folder / "meta.json").exists() else {}
     model = GPT(cfg)
     load_weights(model, folder / "model.safetensors")
@@ -174,7 +184,13 @@ def step_dirs(out_dir: Path) -> list[tuple[int, Path]]:
 
 
 def is_complete(folder: Path) -> bool:
-    need = ("model.safetensors", "config.json", "meta.json", "optimizer.safetensors", "trainer_state.json")
+    need = (
+        "model.safetensors",
+        "config.json",
+        "meta.json",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    )
     if not all((folder / n).is_file() for n in need):
         return False
     try:
@@ -217,6 +233,7 @@ def save_checkpoint(
     extra_tensors: dict[str, torch.Tensor] | None = None,
     is_best: bool = False,
     keep_last: int = 2,
+    model_sd: dict | None = None,
 ) -> Path:
     """Write step-NNNNNN atomically, point `last` (and `best`) at it, prune old ones."""
     final = out_dir / f"step-{step:06d}"
@@ -225,13 +242,15 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        save_model_files(model, tmp)
+        save_model_files(model, tmp, model_sd)
         if _FAULT_SLOW_SAVE:  # fault-injection point for tests: widen the mid-write window
             time.sleep(float(_FAULT_SLOW_SAVE))
         tensors, opt_info = optimizer_tensors(optimizer) if optimizer is not None else ({}, {})
         tensors.update(extra_tensors or {})
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "optimizer": opt_info}) + "\n")
+        (tmp / "trainer_state.json").write_text(
+            json.dumps({**trainer_state, "optimizer": opt_info}) + "\n"
+        )
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -248,7 +267,9 @@ def save_checkpoint(
                 f"the disk filled up while writing checkpoint {final}; the previous checkpoint is intact. "
                 "Free some space and rerun with --resume."
             ) from None
-        raise UserError(f"cannot write checkpoint {final} ({e.strerror}); the previous checkpoint is intact.") from None
+        raise UserError(
+            f"cannot write checkpoint {final} ({e.strerror}); the previous checkpoint is intact."
+        ) from None
     _point(out_dir, "last", final)
     if is_best:
         _point(out_dir, "best", final)
@@ -269,12 +290,16 @@ def _prune(out_dir: Path, keep_last: int) -> None:
 
 
 def read_trainer_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    info = read_json(folder / "trainer_state.json", "the checkpoint is incomplete; use another one.")
+    info = read_json(
+        folder / "trainer_state.json", "the checkpoint is incomplete; use another one."
+    )
     path = folder / "optimizer.safetensors"
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path} is truncated or corrupt ({str(e)[:80]}); use another checkpoint.") from None
+        raise UserError(
+            f"{path} is truncated or corrupt ({str(e)[:80]}); use another checkpoint."
+        ) from None
     return info, tensors
 
 

@@ -10,7 +10,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .corpus import batched, discover, iter_corpus, ordered_map
+from .corpus import batched, discover, iter_corpus, ordered_map, worker_context
 from .errors import UserError, atomic_path
 from .text import CleanOptions, clean_document, language_verdict
 
@@ -47,7 +47,11 @@ class CleanReport:
             f"documents: {self.documents_in:,} in, {self.documents_out:,} out"
             f" ({self.bytes_in / 1e6:.2f} MB -> {self.bytes_out / 1e6:.2f} MB in {self.seconds:.1f}s)"
         ]
-        for title, c in (("repairs", self.repairs), ("dropped", self.dropped), ("input problems", self.input)):
+        for title, c in (
+            ("repairs", self.repairs),
+            ("dropped", self.dropped),
+            ("input problems", self.input),
+        ):
             if c:
                 lines.append(f"{title}: " + ", ".join(f"{k}={v:,}" for k, v in sorted(c.items())))
         return "\n".join(lines)
@@ -96,12 +100,14 @@ def run_clean(
     job = _Job(CleanOptions(cyrillic_to_latin=cyrillic_to_latin), min_az_share, filter)
     seen: set[bytes] = set()
     t0 = time.perf_counter()
-    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    pool = ProcessPoolExecutor(workers, mp_context=worker_context()) if workers > 1 else None
     try:
         with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
             docs = iter_corpus(files, report.input, text_field)
             first = True
-            for results in ordered_map(job, batched(docs, batch_docs), pool, window=4 * max(1, workers)):
+            for results in ordered_map(
+                job, batched(docs, batch_docs), pool, window=4 * max(1, workers)
+            ):
                 for text, stats, reason, nbytes in results:
                     report.documents_in += 1
                     report.bytes_in += nbytes
@@ -139,4 +145,6 @@ def run_clean(
 
 def write_report(report: CleanReport, path: str | Path) -> None:
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(report.to_dict(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        Path(tmp).write_text(
+            json.dumps(report.to_dict(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+        )

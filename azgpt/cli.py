@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -39,7 +38,11 @@ def _positive_int(name):
 def cmd_clean(a) -> int:
     from .clean import run_clean, write_report
     from .corpus import default_workers
+    from .errors import check_writable
 
+    check_writable(a.out, "--out")
+    if a.report:
+        check_writable(a.report, "--report")
     report = run_clean(
         a.inputs,
         a.out,
@@ -76,9 +79,17 @@ def cmd_tokenizer_train(a) -> int:
     )
     secs = time.perf_counter() - t0
     path = save_tokenizer(
-        tok, a.out, {"pretokenizer": a.pretokenizer, "inputs": [str(p) for p in files], "train_seconds": round(secs, 2)}
+        tok,
+        a.out,
+        {
+            "pretokenizer": a.pretokenizer,
+            "inputs": [str(p) for p in files],
+            "train_seconds": round(secs, 2),
+        },
     )
-    print(f"trained a {tok.get_vocab_size()}-id byte-level BPE ({a.pretokenizer} pre-tokenizer) in {secs:.1f}s -> {path}")
+    print(
+        f"trained a {tok.get_vocab_size()}-id byte-level BPE ({a.pretokenizer} pre-tokenizer) in {secs:.1f}s -> {path}"
+    )
     return 0
 
 
@@ -120,7 +131,9 @@ def cmd_prepare(a) -> int:
         f"val: {m['val']['tokens']:,} tokens in {m['val']['documents']:,} documents "
         f"({res.seconds:.1f}s, {mbps:.2f} MB/s, {m['encoder_backend']})"
     )
-    print(f"wrote {Path(a.out) / 'train.npy'}, {Path(a.out) / 'val.npy'}, {Path(a.out) / 'manifest.json'}")
+    print(
+        f"wrote {Path(a.out) / 'train.npy'}, {Path(a.out) / 'val.npy'}, {Path(a.out) / 'manifest.json'}"
+    )
     return 0
 
 
@@ -199,7 +212,9 @@ def cmd_report(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="azgpt", description="Train a GPT language model for Azerbaijani from scratch.")
+    p = _Parser(
+        prog="azgpt", description="Train a GPT language model for Azerbaijani from scratch."
+    )
     from . import __version__
 
     p.add_argument("--version", action="version", version=f"azgpt {__version__}")
@@ -207,14 +222,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("clean", help="repair and filter raw Azerbaijani text")
     c.add_argument("inputs", nargs="+", help="files or folders of .txt, .txt.gz, .jsonl, .jsonl.gz")
-    c.add_argument("--out", required=True, help="output text file (documents separated by blank lines)")
-    c.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
-    c.add_argument("--cyrillic-to-latin", action="store_true", help="transliterate Cyrillic-script Azerbaijani")
-    c.add_argument("--no-filter", action="store_true", help="keep every document (no language filter, no dedup)")
+    c.add_argument(
+        "--out", required=True, help="output text file (documents separated by blank lines)"
+    )
+    c.add_argument(
+        "--text-field", default="text", help="JSONL field holding the text (default: text)"
+    )
+    c.add_argument(
+        "--cyrillic-to-latin", action="store_true", help="transliterate Cyrillic-script Azerbaijani"
+    )
+    c.add_argument(
+        "--no-filter",
+        action="store_true",
+        help="keep every document (no language filter, no dedup)",
+    )
     c.add_argument("--no-dedup", action="store_true", help="keep exact duplicate documents")
-    c.add_argument("--min-az-share", type=float, default=0.03, help="language filter: least share of ə/q/x among letters (default 0.03)")
+    c.add_argument(
+        "--min-az-share",
+        type=float,
+        default=0.03,
+        help="language filter: least share of ə/q/x among letters (default 0.03)",
+    )
     c.add_argument("--report", help="also write the report as JSON to this file")
-    c.add_argument("--workers", type=_positive_int("--workers"), default=None, help="processes (default: all cores)")
+    c.add_argument(
+        "--workers",
+        type=_positive_int("--workers"),
+        default=None,
+        help="processes (default: all cores)",
+    )
     c.set_defaults(fn=cmd_clean)
 
     t = sub.add_parser("tokenizer", help="train or inspect the BPE tokenizer")
@@ -241,13 +276,22 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--val-fraction", type=float, default=0.005)
     pr.add_argument("--seed", type=int, default=1234)
     pr.add_argument("--text-field", default="text")
-    pr.add_argument("--workers", type=_positive_int("--workers"), default=None, help="processes (default: all cores)")
-    pr.add_argument("--backend", default="auto", help="auto (tiktoken when identical), tiktoken or tokenizers")
+    pr.add_argument(
+        "--workers",
+        type=_positive_int("--workers"),
+        default=None,
+        help="processes (default: all cores)",
+    )
+    pr.add_argument(
+        "--backend", default="auto", help="auto (tiktoken when identical), tiktoken or tokenizers"
+    )
     pr.set_defaults(fn=cmd_prepare)
 
     tr = sub.add_parser("train", help="train a GPT (add --section.key=value overrides)")
     tr.add_argument("--config", required=True, help="TOML run file, e.g. configs/tiny.toml")
-    tr.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    tr.add_argument(
+        "--resume", action="store_true", help="continue from the latest complete checkpoint"
+    )
     tr.set_defaults(fn=cmd_train, takes_overrides=True)
 
     s = sub.add_parser("sample", help="generate text from a checkpoint")
@@ -259,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, default=0.95)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--num-samples", type=_positive_int("--num-samples"), default=1)
-    s.add_argument("--tokenizer", help="tokenizer folder (default: the one recorded in the checkpoint)")
+    s.add_argument(
+        "--tokenizer", help="tokenizer folder (default: the one recorded in the checkpoint)"
+    )
     s.add_argument("--device", default="auto")
     s.set_defaults(fn=cmd_sample)
 
@@ -269,9 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tokens", help="a token file (.npy) written by `azgpt prepare`")
     e.add_argument("--probes", action="store_true", help="score the built-in Azerbaijani probes")
     e.add_argument("--line-docs", action="store_true", help="one document per line")
-    e.add_argument("--tokenizer", help="tokenizer folder (default: the one recorded in the checkpoint)")
+    e.add_argument(
+        "--tokenizer", help="tokenizer folder (default: the one recorded in the checkpoint)"
+    )
     e.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8)
-    e.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: half the context)")
+    e.add_argument(
+        "--stride", type=int, default=None, help="sliding-window stride (default: half the context)"
+    )
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
@@ -279,7 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="export to a Hugging Face transformers folder")
     x.add_argument("--ckpt", required=True)
     x.add_argument("--out", required=True)
-    x.add_argument("--tokenizer", help="tokenizer folder (default: the one recorded in the checkpoint)")
+    x.add_argument(
+        "--tokenizer", help="tokenizer folder (default: the one recorded in the checkpoint)"
+    )
     x.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
     x.set_defaults(fn=cmd_export)
 
@@ -292,14 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     try:
         parser = build_parser()
         a, rest = parser.parse_known_args(argv)
         if getattr(a, "takes_overrides", False):
             return a.fn(a, rest)
         if rest:
-            raise UserError(f"unrecognised arguments: {' '.join(rest)}; see `azgpt {a.command} --help`.")
+            raise UserError(
+                f"unrecognised arguments: {' '.join(rest)}; see `azgpt {a.command} --help`."
+            )
         return a.fn(a)
     except UserError as e:
         print(f"azgpt: error: {e}", file=sys.stderr)

@@ -122,7 +122,9 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}.")
         if self.batch_size > 1_000_000:
-            raise ConfigError(f"train.batch_size={self.batch_size} is absurd; use a value such as 12.")
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} is absurd; use a value such as 12."
+            )
         if not (0 < self.lr < 10):
             raise ConfigError(f"train.lr must be in (0, 10), got {self.lr}.")
         if not (0 <= self.min_lr <= self.lr):
@@ -131,12 +133,22 @@ class TrainConfig:
             raise ConfigError(
                 f"train.mixed_precision must be one of auto, bf16, fp16, no; got {self.mixed_precision!r}."
             )
-        if self.compile not in ("auto", "on", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+        if self.compile not in (
+            "auto",
+            "on",
+            "off",
+            "default",
+            "reduce-overhead",
+            "max-autotune",
+            "max-autotune-no-cudagraphs",
+        ):
             raise ConfigError(
                 f"train.compile must be auto, on, off or a torch.compile mode; got {self.compile!r}."
             )
         if self.nan_policy not in ("stop", "skip"):
-            raise ConfigError(f"train.nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}.")
+            raise ConfigError(
+                f"train.nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}."
+            )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device must be auto, cpu or cuda, got {self.device!r}.")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -241,7 +253,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist; pass a TOML run file such as configs/tiny.toml.")
+            raise ConfigError(
+                f"config file {p} does not exist; pass a TOML run file such as configs/tiny.toml."
+            )
         try:
             raw = tomllib.loads(p.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

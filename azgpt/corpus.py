@@ -59,13 +59,13 @@ def _check_file(p: Path) -> None:
     except UserError:
         raise
     except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise UserError(f"cannot read input {p} ({e}); check that it is a readable text or .gz file.") from None
+        raise UserError(
+            f"cannot read input {p} ({e}); check that it is a readable text or .gz file."
+        ) from None
     if not head.strip():
         raise UserError(f"input {p} is empty; give a file that holds text.")
     if b"\x00" in head:
-        raise UserError(
-            f"input {p} is a binary file, not text; give UTF-8 .txt or .jsonl files."
-        )
+        raise UserError(f"input {p} is a binary file, not text; give UTF-8 .txt or .jsonl files.")
 
 
 def _decode(line: bytes, stats: Counter) -> str:
@@ -151,9 +151,7 @@ def batched(it: Iterable, n: int) -> Iterator[list]:
         yield batch
 
 
-def ordered_map(
-    fn: Callable, batches: Iterable, pool: Executor | None, window: int
-) -> Iterator:
+def ordered_map(fn: Callable, batches: Iterable, pool: Executor | None, window: int) -> Iterator:
     """Map `fn` over `batches` on `pool`, yielding results in input order, with at most `window`
     batches in flight (so memory stays bounded whatever the corpus size)."""
     if pool is None:
@@ -181,5 +179,15 @@ def file_sha256(p: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def worker_context():
+    """Worker processes are spawned, not forked: a fork after the tokenizers library has used its
+    thread pool (any earlier encode in this process) deadlocks the child."""
+    import multiprocessing
+
+    return multiprocessing.get_context("spawn")
+
+
 def default_workers() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return max(
+        1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .corpus import batched, discover, file_sha256, iter_corpus, ordered_map
+from .corpus import discover, file_sha256, iter_corpus, ordered_map, worker_context
 from .errors import UserError, fsync_dir
 from .tokenizer import eot_id, load_tokenizer, nfc, sha256_file, tiktoken_encoding, tokenizer_path
 
@@ -78,6 +78,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(tok_path: str, backend: str) -> None:
+    _WORKER.clear()  # an in-process run must never reuse the encoder of an earlier one
     tok = load_tokenizer(tok_path)
     _WORKER["eot"] = eot_id(tok)
     if backend == "tiktoken":
@@ -165,13 +166,51 @@ def run_prepare(
             f"tokenizer {tok_path} has {vocab} ids, which do not fit uint16 token files; retrain it with --vocab-size 65536 or less."
         )
     out_dir = Path(out)
+    created = not out_dir.exists()
+    try:
+        return _prepare(
+            files,
+            tok_path,
+            tok,
+            vocab,
+            out_dir,
+            val_fraction,
+            seed,
+            text_field,
+            workers,
+            backend,
+            batch_bytes,
+            inputs,
+        )
+    except BaseException:
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # leave nothing behind when the run failed before writing anything
+        raise
+
+
+def _prepare(
+    files,
+    tok_path,
+    tok,
+    vocab,
+    out_dir,
+    val_fraction,
+    seed,
+    text_field,
+    workers,
+    backend,
+    batch_bytes,
+    inputs,
+):
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"cannot write to output folder {out_dir} ({e.strerror}); choose a writable --out.") from None
+        raise UserError(
+            f"cannot write to output folder {out_dir} ({e.strerror}); choose a writable --out."
+        ) from None
     for stale in out_dir.glob(".*.npy.*.tmp"):
         stale.unlink(missing_ok=True)
 
@@ -212,12 +251,19 @@ def run_prepare(
                 yield (idx, batch, seed, val_fraction)
 
         if workers > 1:
-            pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(tok_path), backend))
+            pool = ProcessPoolExecutor(
+                workers,
+                mp_context=worker_context(),
+                initializer=_init_worker,
+                initargs=(str(tok_path), backend),
+            )
         else:
             pool = None
             _init_worker(str(tok_path), backend)
         try:
-            for tr, va, ntr, nva, ltl in ordered_map(_encode_batch, jobs(), pool, window=2 * workers):
+            for tr, va, ntr, nva, ltl in ordered_map(
+                _encode_batch, jobs(), pool, window=2 * workers
+            ):
                 writers["train"].write(np.frombuffer(tr, dtype=np.uint16))
                 writers["val"].write(np.frombuffer(va, dtype=np.uint16))
                 n_docs["train"] += ntr
@@ -228,7 +274,9 @@ def run_prepare(
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
         if n_docs["train"] + n_docs["val"] == 0:
-            raise UserError(f"no documents found in {', '.join(inputs)}; give files that hold text.")
+            raise UserError(
+                f"no documents found in {', '.join(map(str, inputs))}; give files that hold text."
+            )
         if n_docs["val"] == 0:
             # Too few documents for the fraction: move the last train document to val.
             writers["val"].write(writers["train"].truncate_last(last_train_len))
@@ -250,8 +298,16 @@ def run_prepare(
             "tokenizer": {"path": str(tok_path), "sha256": tok_sha, "vocab_size": vocab},
             "encoder_backend": backend,
             "split": {"seed": seed, "val_fraction": val_fraction},
-            "train": {"tokens": writers["train"].n, "documents": n_docs["train"], "max_token_id": max_ids["train"]},
-            "val": {"tokens": writers["val"].n, "documents": n_docs["val"], "max_token_id": max_ids["val"]},
+            "train": {
+                "tokens": writers["train"].n,
+                "documents": n_docs["train"],
+                "max_token_id": max_ids["train"],
+            },
+            "val": {
+                "tokens": writers["val"].n,
+                "documents": n_docs["val"],
+                "max_token_id": max_ids["val"],
+            },
             "inputs": [
                 {"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files
             ],
@@ -267,7 +323,9 @@ def run_prepare(
         os.replace(mtmp, out_dir / MANIFEST)
         fsync_dir(out_dir)
     except OSError as e:
-        raise UserError(f"cannot write token files in {out_dir} ({e.strerror}); free space or choose another --out.") from None
+        raise UserError(
+            f"cannot write token files in {out_dir} ({e.strerror}); free space or choose another --out."
+        ) from None
     finally:
         for w in writers.values():
             if not w.f.closed:
@@ -290,7 +348,9 @@ def _chunked_max(arr: np.ndarray, chunk: int = 1 << 24) -> int:
 def read_manifest(data_dir: str | Path) -> dict:
     p = Path(data_dir) / MANIFEST
     if not p.is_file():
-        raise UserError(f"{p} does not exist; run `azgpt prepare` to write the token files (data.dir={data_dir}).")
+        raise UserError(
+            f"{p} does not exist; run `azgpt prepare` to write the token files (data.dir={data_dir})."
+        )
     try:
         return json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -303,7 +363,9 @@ def load_tokens(path: Path) -> np.ndarray:
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise UserError(f"token file {path} is not a readable .npy file ({e}); rerun `azgpt prepare`.") from None
+        raise UserError(
+            f"token file {path} is not a readable .npy file ({e}); rerun `azgpt prepare`."
+        ) from None
     if arr.dtype != np.uint16 or arr.ndim != 1:
         raise UserError(
             f"token file {path} holds {arr.dtype} with shape {arr.shape}, expected 1-D uint16; rerun `azgpt prepare`."
@@ -380,7 +442,9 @@ class TokenData:
         x, y = self._windows("train", starts[rank * batch_size : (rank + 1) * batch_size])
         return _to_device(x, y, device)
 
-    def eval_batches(self, seed: int, n_batches: int, batch_size: int, rank=0, world=1, device=None):
+    def eval_batches(
+        self, seed: int, n_batches: int, batch_size: int, rank=0, world=1, device=None
+    ):
         """A fixed set of validation windows (same every evaluation), sharded over processes."""
         rng = np.random.default_rng([seed, 0xE7A1])
         hi = len(self.splits["val"]) - self.block_size - 1
@@ -395,5 +459,7 @@ def _to_device(x, y, device):
         return x, y
     if device.type == "cuda":
         # Pinned host memory lets the copy overlap with the previous step's compute.
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(
+            device, non_blocking=True
+        )
     return x.to(device), y.to(device)

@@ -14,6 +14,22 @@ class UserError(Exception):
     exit_code = 2
 
 
+def check_writable(path: str | Path, option: str) -> None:
+    """Fail early, before any work, when `path` cannot be created (a parent is a file, say)."""
+    p = Path(path).absolute()
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(
+                    f"cannot write {path}: {parent} is a file, not a folder; choose another {option}."
+                )
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise UserError(
+                    f"cannot write {path}: {parent} is not writable; choose another {option}."
+                )
+            return
+
+
 @contextmanager
 def atomic_path(final: str | Path, suffix: str = ""):
     """Yield a temporary path beside `final`; rename it onto `final` only if the block succeeds.
@@ -24,7 +40,9 @@ def atomic_path(final: str | Path, suffix: str = ""):
     final = Path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".tmp", dir=final.parent)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{final.name}.", suffix=suffix + ".tmp", dir=final.parent
+        )
     except OSError as e:
         raise UserError(
             f"cannot write {final} ({e.strerror}); choose an output location you can write to."

@@ -49,7 +49,9 @@ def windows(n_ids: int, block: int, stride: int) -> list[tuple[int, int, int]]:
 
 
 @torch.no_grad()
-def score_sequences(model: GPT, seqs: list[list[int]], stride: int, batch_size: int, device, progress=None) -> tuple[float, int]:
+def score_sequences(
+    model: GPT, seqs: list[list[int]], stride: int, batch_size: int, device, progress=None
+) -> tuple[float, int]:
     """Sum of NLL (nats) and count of scored tokens over all `seqs` (each starts with EOT)."""
     T = model.config.block_size
     jobs = []  # (inputs, targets, mask-from)
@@ -73,7 +75,12 @@ def score_sequences(model: GPT, seqs: list[list[int]], stride: int, batch_size: 
             y[r, : len(tgt)] = t
         x, y = x.to(device), y.to(device)
         logits, _ = model(x)
-        losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1, reduction="sum")
+        losses = F.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)),
+            y.reshape(-1),
+            ignore_index=-1,
+            reduction="sum",
+        )
         nll += float(losses)
         count += int((y >= 0).sum())
         if progress is not None:
@@ -93,7 +100,9 @@ def _summary(nll: float, tokens: int, nbytes: int, docs: int) -> dict:
     }
 
 
-def eval_texts(model, tok, files: list[str], *, line_docs=False, stride=None, batch_size=8, device="cpu") -> dict:
+def eval_texts(
+    model, tok, files: list[str], *, line_docs=False, stride=None, batch_size=8, device="cpu"
+) -> dict:
     from tqdm.auto import tqdm
 
     paths = discover(files)
@@ -107,7 +116,9 @@ def eval_texts(model, tok, files: list[str], *, line_docs=False, stride=None, ba
         nbytes += len(d.encode("utf-8"))
         docs += 1
     if not docs:
-        raise UserError(f"{', '.join(files)} holds no text to score after cleaning; give files with documents.")
+        raise UserError(
+            f"{', '.join(files)} holds no text to score after cleaning; give files with documents."
+        )
     T = model.config.block_size
     stride = max(1, T // 2) if stride is None else stride
     if not 0 < stride <= T:
@@ -126,7 +137,9 @@ def eval_tokens(model, tok, path: str, *, batch_size=8, device="cpu") -> dict:
     if len(arr) < 2:
         raise UserError(f"token file {path} holds fewer than two tokens; nothing to score.")
     if int(arr.max()) >= model.config.vocab_size:
-        raise UserError(f"token file {path} holds ids at or above the model's vocab size {model.config.vocab_size}.")
+        raise UserError(
+            f"token file {path} holds ids at or above the model's vocab size {model.config.vocab_size}."
+        )
     lens = token_byte_lengths(tok)
     seqs = [arr[i : i + T + 1].astype(np.int64).tolist() for i in range(0, len(arr) - 1, T)]
     nll, count = score_sequences(model, seqs, T, batch_size, device)
@@ -164,8 +177,18 @@ def eval_probes(model, tok, device="cpu") -> dict:
     return out
 
 
-def run_eval(ckpt, *, texts=None, tokens=None, probes=False, line_docs=False, tokenizer=None,
-             batch_size=8, device="auto", stride=None) -> dict:
+def run_eval(
+    ckpt,
+    *,
+    texts=None,
+    tokens=None,
+    probes=False,
+    line_docs=False,
+    tokenizer=None,
+    batch_size=8,
+    device="auto",
+    stride=None,
+) -> dict:
     if not texts and not tokens and not probes:
         raise UserError("give something to evaluate: --text FILE..., --tokens FILE or --probes.")
     dev = pick_device(device)
@@ -174,7 +197,17 @@ def run_eval(ckpt, *, texts=None, tokens=None, probes=False, line_docs=False, to
     tok = checkpoint_tokenizer(meta, tokenizer, Path(ckpt))
     out: dict = {}
     if texts:
-        out.update(eval_texts(model, tok, texts, line_docs=line_docs, stride=stride, batch_size=batch_size, device=dev))
+        out.update(
+            eval_texts(
+                model,
+                tok,
+                texts,
+                line_docs=line_docs,
+                stride=stride,
+                batch_size=batch_size,
+                device=dev,
+            )
+        )
     if tokens:
         res = eval_tokens(model, tok, tokens, batch_size=batch_size, device=dev)
         out.update(res if not texts else {f"tokens_{k}": v for k, v in res.items()})

@@ -80,12 +80,21 @@ def _model_card(meta: dict, cfg, n_params: int) -> str:
 
 def export_hf(ckpt: str, out: str, *, tokenizer: str | None = None, force: bool = False) -> Path:
     try:
-        from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+        from transformers import (
+            GenerationConfig,
+            GPT2Config,
+            GPT2LMHeadModel,
+            PreTrainedTokenizerFast,
+        )
     except ImportError:
-        raise UserError("export needs transformers; install it with `pip install azgpt[hf]`.") from None
+        raise UserError(
+            "export needs transformers; install it with `pip install azgpt[hf]`."
+        ) from None
     out_dir = Path(out)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        raise UserError(f"export folder {out_dir} exists and is not empty; choose another --out or pass --force.")
+        raise UserError(
+            f"export folder {out_dir} exists and is not empty; choose another --out or pass --force."
+        )
     model, meta = load_model(ckpt, "cpu")
     tok = checkpoint_tokenizer(meta, tokenizer, Path(ckpt))
     c = model.config
@@ -109,9 +118,13 @@ def export_hf(ckpt: str, out: str, *, tokenizer: str | None = None, force: bool 
     )
     hf = GPT2LMHeadModel(hf_cfg)
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
-    bad_missing = [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias", "lm_head.weight"))]
+    bad_missing = [
+        k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias", "lm_head.weight"))
+    ]
     if bad_missing or unexpected:
-        raise RuntimeError(f"export key map is incomplete: missing {bad_missing[:5]}, unexpected {unexpected[:5]}")
+        raise RuntimeError(
+            f"export key map is incomplete: missing {bad_missing[:5]}, unexpected {unexpected[:5]}"
+        )
     hf.tie_weights()
     hf.eval()
 
@@ -120,23 +133,41 @@ def export_hf(ckpt: str, out: str, *, tokenizer: str | None = None, force: bool 
     try:
         tmp.mkdir(parents=True)
         hf.save_pretrained(tmp, safe_serialization=True)
+        tok.encode_special_tokens = (
+            False  # transformers' convention: special strings map to their ids
+        )
         fast = PreTrainedTokenizerFast(
-            tokenizer_object=tok, bos_token=EOT, eos_token=EOT, unk_token=None, pad_token="<|pad|>",
-            model_max_length=c.block_size, clean_up_tokenization_spaces=False,
+            tokenizer_object=tok,
+            bos_token=EOT,
+            eos_token=EOT,
+            unk_token=None,
+            pad_token="<|pad|>",
+            model_max_length=c.block_size,
+            clean_up_tokenization_spaces=False,
         )
         fast.save_pretrained(tmp)
         GenerationConfig(
-            bos_token_id=eot, eos_token_id=eot, pad_token_id=pad, do_sample=True,
-            temperature=0.8, top_k=50, top_p=0.95, max_new_tokens=100,
+            bos_token_id=eot,
+            eos_token_id=eot,
+            pad_token_id=pad,
+            do_sample=True,
+            temperature=0.8,
+            top_k=50,
+            top_p=0.95,
+            max_new_tokens=100,
         ).save_pretrained(tmp)
         (tmp / "README.md").write_text(_model_card(meta, c, model.num_params()), encoding="utf-8")
-        (tmp / "azgpt_meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (tmp / "azgpt_meta.json").write_text(
+            json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         if out_dir.exists():
             shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
         tmp.rename(out_dir)
         fsync_dir(out_dir.parent)
     except OSError as e:
-        raise UserError(f"cannot write export folder {out_dir} ({e.strerror}); choose a writable --out.") from None
+        raise UserError(
+            f"cannot write export folder {out_dir} ({e.strerror}); choose a writable --out."
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

@@ -141,14 +141,18 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None, pos0: int = 0):
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None, pos0: int = 0
+    ):
         B, T = idx.shape
         if pos0 + T > self.config.block_size:
             raise ValueError(
                 f"sequence of {pos0 + T} tokens is longer than the model's context {self.config.block_size}"
             )
         pos = torch.arange(pos0, pos0 + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.drop(
+            self.transformer.wte(idx) + self.transformer.wpe(pos)
+        )  # (B, T, C)
         new_caches = []
         for i, block in enumerate(self.transformer.h):
             x, c = block(x, None if kv_cache is None else kv_cache[i])
@@ -158,7 +162,9 @@ class GPT(nn.Module):
             logits = self.lm_head(x)  # (B, T, V)
             # Cross-entropy in fp32 over the flattened logits; under torch.compile the upcast
             # fuses into the softmax kernel rather than materialising a second (B*T, V) copy.
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
+            )
             return logits, loss
         if kv_cache is not None:
             return self.lm_head(x[:, -1:, :]), new_caches

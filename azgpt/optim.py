@@ -42,4 +42,6 @@ def make_optimizer(model, *, lr, weight_decay, betas, device_type: str) -> torch
     # Fused AdamW (one kernel for all parameters) on CUDA.
     if device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters:
         kwargs["fused"] = True
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=1e-8, **kwargs)
+    return torch.optim.AdamW(
+        param_groups(model, weight_decay), lr=lr, betas=betas, eps=1e-8, **kwargs
+    )

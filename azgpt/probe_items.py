@@ -17,58 +17,106 @@ PROBES: list[tuple[str, str, tuple[str, ...], int]] = [
     ("capital", "Rusiyanın paytaxtı", (" Kazandır.", " Moskvadır.", " Novosibirskdir."), 1),
     ("capital", "İranın paytaxtı", (" Təbrizdir.", " İsfahandır.", " Tehrandır."), 2),
     ("capital", "Fransanın paytaxtı", (" Parisdir.", " Marseldir.", " Liondur."), 0),
-    ("capital", "Naxçıvan Muxtar Respublikasının paytaxtı",
-     (" Ordubaddır.", " Naxçıvan şəhəridir.", " Culfadır."), 1),
+    (
+        "capital",
+        "Naxçıvan Muxtar Respublikasının paytaxtı",
+        (" Ordubaddır.", " Naxçıvan şəhəridir.", " Culfadır."),
+        1,
+    ),
     ("capital", "Almaniyanın paytaxtı", (" Hamburqdur.", " Frankfurtdur.", " Berlindir."), 2),
     ("capital", "Yaponiyanın paytaxtı", (" Tokiodur.", " Osakadır.", " Kiotodur."), 0),
     ("capital", "İtaliyanın paytaxtı", (" Milandır.", " Romadır.", " Neapoldur."), 1),
     ("capital", "Misirin paytaxtı", (" İsgəndəriyyədir.", " Qahirədir."), 1),
     ("capital", "Böyük Britaniyanın paytaxtı", (" Londondur.", " Mançesterdir."), 0),
     ("capital", "Çinin paytaxtı", (" Şanxaydır.", " Pekindir."), 1),
-
     # ------------------------------------------------------------------
     # currency: national currencies
     # ------------------------------------------------------------------
     ("currency", "Azərbaycanın milli valyutası", (" rubldur.", " manatdır.", " lirədir."), 1),
     ("currency", "Türkiyənin milli valyutası", (" Türk lirəsidir.", " manatdır.", " avrodur."), 0),
     ("currency", "Rusiyanın milli valyutası", (" dollardır.", " lirədir.", " rubldur."), 2),
-    ("currency", "Amerika Birləşmiş Ştatlarının milli valyutası",
-     (" avrodur.", " dollardır.", " funtdur."), 1),
-    ("currency", "Fransa, Almaniya və İtaliyada istifadə olunan pul vahidi",
-     (" avrodur.", " rubldur.", " manatdır."), 0),
+    (
+        "currency",
+        "Amerika Birləşmiş Ştatlarının milli valyutası",
+        (" avrodur.", " dollardır.", " funtdur."),
+        1,
+    ),
+    (
+        "currency",
+        "Fransa, Almaniya və İtaliyada istifadə olunan pul vahidi",
+        (" avrodur.", " rubldur.", " manatdır."),
+        0,
+    ),
     ("currency", "Yaponiyanın pul vahidi", (" yuandır.", " vondur.", " yendir."), 2),
-    ("currency", "Böyük Britaniyanın pul vahidi",
-     (" dollardır.", " funt sterlinqdir.", " frankdır."), 1),
+    (
+        "currency",
+        "Böyük Britaniyanın pul vahidi",
+        (" dollardır.", " funt sterlinqdir.", " frankdır."),
+        1,
+    ),
     ("currency", "Gürcüstanın milli valyutası", (" laridir.", " manatdır.", " rubldur."), 0),
     ("currency", "Çinin milli valyutası", (" yendir.", " yuandır.", " rupidir."), 1),
     ("currency", "İranın milli valyutası", (" lirədir.", " avrodur.", " riyaldır."), 2),
     ("currency", "Bir manat", (" on qəpikdir.", " yüz qəpikdir.", " min qəpikdir."), 1),
-
     # ------------------------------------------------------------------
     # rivers: rivers, seas and geography
     # ------------------------------------------------------------------
     ("rivers", "Azərbaycanın ən uzun çayı", (" Kürdür.", " Samurdur.", " Qanıxdır."), 0),
-    ("rivers", "Kür çayı",
-     (" Qara dənizə tökülür.", " Xəzər dənizinə tökülür.", " Aralıq dənizinə tökülür."), 1),
-    ("rivers", "Araz çayı Sabirabad yaxınlığında",
-     (" Volqaya qovuşur.", " Nilə qovuşur.", " Kürə qovuşur."), 2),
-    ("rivers", "Volqa çayı",
-     (" Xəzər dənizinə tökülür.", " Qara dənizə tökülür.", " Ağ dənizə tökülür."), 0),
-    ("rivers", "Nil çayı",
-     (" Xəzər dənizinə tökülür.", " Baltik dənizinə tökülür.", " Aralıq dənizinə tökülür."), 2),
+    (
+        "rivers",
+        "Kür çayı",
+        (" Qara dənizə tökülür.", " Xəzər dənizinə tökülür.", " Aralıq dənizinə tökülür."),
+        1,
+    ),
+    (
+        "rivers",
+        "Araz çayı Sabirabad yaxınlığında",
+        (" Volqaya qovuşur.", " Nilə qovuşur.", " Kürə qovuşur."),
+        2,
+    ),
+    (
+        "rivers",
+        "Volqa çayı",
+        (" Xəzər dənizinə tökülür.", " Qara dənizə tökülür.", " Ağ dənizə tökülür."),
+        0,
+    ),
+    (
+        "rivers",
+        "Nil çayı",
+        (" Xəzər dənizinə tökülür.", " Baltik dənizinə tökülür.", " Aralıq dənizinə tökülür."),
+        2,
+    ),
     ("rivers", "Nil çayı", (" Avropada axır.", " Afrikada axır.", " Avstraliyada axır."), 1),
     ("rivers", "Avropanın ən uzun çayı", (" Dunaydır.", " Volqadır.", " Reyndir."), 1),
-    ("rivers", "Bakı şəhəri",
-     (" Xəzər dənizinin sahilində yerləşir.", " Qara dənizin sahilində yerləşir.",
-      " Aralıq dənizinin sahilində yerləşir."), 0),
+    (
+        "rivers",
+        "Bakı şəhəri",
+        (
+            " Xəzər dənizinin sahilində yerləşir.",
+            " Qara dənizin sahilində yerləşir.",
+            " Aralıq dənizinin sahilində yerləşir.",
+        ),
+        0,
+    ),
     ("rivers", "Dünyanın ən böyük gölü", (" Göygöldür.", " Xəzər dənizidir.", " Ağ dənizdir."), 1),
-    ("rivers", "Azərbaycanın ən hündür zirvəsi",
-     (" Şahdağdır.", " Tufandağdır.", " Bazardüzüdür."), 2),
-    ("rivers", "Mingəçevir su anbarı",
-     (" Araz çayı üzərində yaradılıb.", " Kür çayı üzərində yaradılıb."), 1),
-    ("rivers", "Samur çayı Azərbaycanı",
-     (" Rusiyadan ayırır.", " Türkiyədən ayırır.", " Misirdən ayırır."), 0),
-
+    (
+        "rivers",
+        "Azərbaycanın ən hündür zirvəsi",
+        (" Şahdağdır.", " Tufandağdır.", " Bazardüzüdür."),
+        2,
+    ),
+    (
+        "rivers",
+        "Mingəçevir su anbarı",
+        (" Araz çayı üzərində yaradılıb.", " Kür çayı üzərində yaradılıb."),
+        1,
+    ),
+    (
+        "rivers",
+        "Samur çayı Azərbaycanı",
+        (" Rusiyadan ayırır.", " Türkiyədən ayırır.", " Misirdən ayırır."),
+        0,
+    ),
     # ------------------------------------------------------------------
     # sequence: numbers, months, weekdays, seasons
     # ------------------------------------------------------------------
@@ -83,7 +131,6 @@ PROBES: list[tuple[str, str, tuple[str, ...], int]] = [
     ("sequence", "çərşənbə, cümə axşamı,", (" cümə", " bazar", " şənbə"), 0),
     ("sequence", "cümə, şənbə,", (" çərşənbə", " cümə axşamı", " bazar"), 2),
     ("sequence", "qış, yaz, yay,", (" payız", " qış", " yaz"), 0),
-
     # ------------------------------------------------------------------
     # vowel_harmony: only the suffix vowel differs
     # ------------------------------------------------------------------
@@ -98,7 +145,6 @@ PROBES: list[tuple[str, str, tuple[str, ...], int]] = [
     ("vowel_harmony", "Biz sabah", (" Şəkiya gedəcəyik.", " Şəkiyə gedəcəyik."), 1),
     ("vowel_harmony", "Onlar", (" dənizdə üzürlər.", " dənizda üzürlər."), 0),
     ("vowel_harmony", "Qatar", (" Bakıdən yola düşdü.", " Bakıdan yola düşdü."), 1),
-
     # ------------------------------------------------------------------
     # plural: -lar / -lər
     # ------------------------------------------------------------------
@@ -113,7 +159,6 @@ PROBES: list[tuple[str, str, tuple[str, ...], int]] = [
     ("plural", "Yolda", (" maşınlər dayanıb.", " maşınlar dayanıb."), 1),
     ("plural", "Mənim", (" dostlarım gəldi.", " dostlərim gəldi."), 0),
     ("plural", "Çayın sahilində", (" gəmilar dayanıb.", " gəmilər dayanıb."), 1),
-
     # ------------------------------------------------------------------
     # dotless_i: ı vs i (and İ vs I)
     # ------------------------------------------------------------------
@@ -128,7 +173,6 @@ PROBES: list[tuple[str, str, tuple[str, ...], int]] = [
     ("dotless_i", "Onun", (" qardaşi həkimdir.", " qardaşı həkimdir."), 1),
     ("dotless_i", "Sabah", (" İsmayıl gələcək.", " Ismayıl gələcək."), 0),
     ("dotless_i", "Payızda yarpaqlar", (" sari olur.", " sarı olur."), 1),
-
     # ------------------------------------------------------------------
     # az_vs_tr: Azerbaijani vs Turkish forms in an Azerbaijani sentence
     # ------------------------------------------------------------------

@@ -43,7 +43,9 @@ def plot_losses(metrics: Path, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="train", lw=1)
     if evals:
-        ax.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
+        ax.plot(
+            [r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation"
+        )
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
@@ -74,7 +76,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         raise UserError(f"{metrics} does not exist; pass a run folder written by `azgpt train`.")
     train, evals, start = read_metrics(metrics)
     if not train:
-        raise UserError(f"{metrics} holds no training steps yet; train for at least one log interval.")
+        raise UserError(
+            f"{metrics} holds no training steps yet; train for at least one log interval."
+        )
     out_dir = Path(out) if out else run / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_losses(metrics, out_dir / "loss.png")
@@ -85,7 +89,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         f"# azgpt run report: {run.name}",
         "",
         f"- steps: {last['step']:,}, tokens seen: {last['tokens']:,}",
-        f"- parameters: {start.get('params', 'n/a'):,}" if start.get("params") else "- parameters: n/a",
+        f"- parameters: {start.get('params', 'n/a'):,}"
+        if start.get("params")
+        else "- parameters: n/a",
         f"- processes: {start.get('world', 1)}",
         f"- final train loss: {last['loss']:.4f}",
     ]
@@ -98,14 +104,42 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ]
     tps = [r["tok_per_s"] for r in train[len(train) // 2 :]]
     lines.append(f"- median tokens/s (second half): {sorted(tps)[len(tps) // 2]:,.0f}")
-    lines += ["", "## Loss", "", "![loss](loss.png)", "", "## Learning rate", "", "![lr](lr.png)",
-              "", "## Throughput", "", "![throughput](throughput.png)", ""]
+    lines += [
+        "",
+        "## Loss",
+        "",
+        "![loss](loss.png)",
+        "",
+        "## Learning rate",
+        "",
+        "![lr](lr.png)",
+        "",
+        "## Throughput",
+        "",
+        "![throughput](throughput.png)",
+        "",
+    ]
     if evals:
-        lines += ["## Evaluations", "", "| step | tokens | val loss | ppl | bpb |", "|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['step']:,} | {r['tokens']:,} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} | {r['val_bpb']:.4f} |" for r in evals]
+        lines += [
+            "## Evaluations",
+            "",
+            "| step | tokens | val loss | ppl | bpb |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['step']:,} | {r['tokens']:,} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} | {r['val_bpb']:.4f} |"
+            for r in evals
+        ]
         lines.append("")
     if start.get("config"):
-        lines += ["## Configuration", "", "```json", json.dumps(start["config"], indent=2, ensure_ascii=False), "```", ""]
+        lines += [
+            "## Configuration",
+            "",
+            "```json",
+            json.dumps(start["config"], indent=2, ensure_ascii=False),
+            "```",
+            "",
+        ]
     path = out_dir / "report.md"
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines), encoding="utf-8")

@@ -33,12 +33,26 @@ def checkpoint_tokenizer(meta: dict, override: str | None, ckpt: Path):
         from .tokenizer import sha256_file, tokenizer_path
 
         if sha256_file(tokenizer_path(path)) != want:
-            raise UserError(f"tokenizer {path} changed since {ckpt} was trained; pass the right one with --tokenizer.")
+            raise UserError(
+                f"tokenizer {path} changed since {ckpt} was trained; pass the right one with --tokenizer."
+            )
     return tok
 
 
-def run_sample(ckpt, prompt, *, max_new_tokens=100, temperature=0.8, top_k=50, top_p=0.95, seed=0,
-               num_samples=1, tokenizer=None, device="auto", out=None) -> list[str]:
+def run_sample(
+    ckpt,
+    prompt,
+    *,
+    max_new_tokens=100,
+    temperature=0.8,
+    top_k=50,
+    top_p=0.95,
+    seed=0,
+    num_samples=1,
+    tokenizer=None,
+    device="auto",
+    out=None,
+) -> list[str]:
     if temperature < 0:
         raise UserError(f"--temperature must be >= 0, got {temperature}.")
     if not 0 < top_p <= 1:
@@ -50,7 +64,7 @@ def run_sample(ckpt, prompt, *, max_new_tokens=100, temperature=0.8, top_k=50, t
     tok = checkpoint_tokenizer(meta, tokenizer, Path(ckpt))
     eot = tok.token_to_id(EOT)
     ids = tok.encode(prompt, add_special_tokens=False).ids if prompt else []
-    ids = ([eot] + ids)[-model.config.block_size:]
+    ids = ([eot] + ids)[-model.config.block_size :]
     texts = []
     for i in range(num_samples):
         g = torch.Generator(device=dev).manual_seed(seed + i)
@@ -68,11 +82,11 @@ def run_sample(ckpt, prompt, *, max_new_tokens=100, temperature=0.8, top_k=50, t
             text = tok.decode(new)
             # Stream only complete characters (a token can end inside a UTF-8 sequence).
             if not text.endswith("\ufffd"):
-                out.write(text[len(shown):])
+                out.write(text[len(shown) :])
                 out.flush()
                 shown = text
         final = tok.decode(new)
-        out.write(final[len(shown):] + "\n")
+        out.write(final[len(shown) :] + "\n")
         out.flush()
         texts.append(prompt + final)
     return texts

@@ -78,7 +78,9 @@ _CYR_TO_LAT["ы"] = "ı"
 
 # Invisible characters removed outright: zero-width space/joiners used as junk, BOM, word
 # joiner, soft hyphen, bidi controls. ZWJ (U+200D) is kept between emoji (family sequences).
-_INVISIBLE = re.compile("[\u200b\u200c\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff\u00ad]")
+_INVISIBLE = re.compile(
+    "[\u200b\u200c\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff\u00ad]"
+)
 _ZWJ_NEAR_LETTER = re.compile(r"(?<=\w)\u200d|\u200d(?=\w)")
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _SPACES = re.compile("[\t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000 ]+")

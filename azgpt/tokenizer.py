@@ -122,7 +122,12 @@ def load_tokenizer(dir_or_file: str | Path) -> Tokenizer:
             f"tokenizer file {path} is corrupt ({first}); retrain it with `azgpt tokenizer train`."
         ) from None
     if tok.token_to_id(EOT) is None:
-        raise UserError(f"tokenizer file {path} has no {EOT} token; retrain it with `azgpt tokenizer train`.")
+        raise UserError(
+            f"tokenizer file {path} has no {EOT} token; retrain it with `azgpt tokenizer train`."
+        )
+    # Text that looks like a special token ("<|endoftext|>" inside a document) is text: only
+    # azgpt itself inserts special ids, so a document can never fake a document boundary.
+    tok.encode_special_tokens = True
     return tok
 
 
@@ -140,7 +145,11 @@ def decode(tok: Tokenizer, ids: Iterable[int]) -> str:
 
 def _byte_decoder() -> dict[str, int]:
     # The ByteLevel alphabet: printable bytes stand for themselves, the rest are shifted to 256+.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):

@@ -12,7 +12,6 @@ import math
 import os
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,13 +110,14 @@ def check_resume_shape(ckpt: Path, cfg: RunConfig) -> dict:
 
 def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
     tc, mc = cfg.train, cfg.model
     out_dir = Path(tc.out_dir)
     want_cuda = tc.device == "cuda" or (tc.device == "auto" and torch.cuda.is_available())
     if tc.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto.")
+        raise UserError(
+            "train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto."
+        )
     device_type = "cuda" if want_cuda else "cpu"
     mp = _mixed_precision(cfg, device_type)
     accelerator = Accelerator(
@@ -152,7 +152,7 @@ def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
 
 
 def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResult:
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from tqdm.auto import tqdm
 
     from .report import plot_losses
@@ -191,7 +191,11 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
     model = GPT(gcfg)
     n_params = model.num_params()
     optimizer = make_optimizer(
-        model, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2), device_type=device.type
+        model,
+        lr=tc.lr,
+        weight_decay=tc.weight_decay,
+        betas=(tc.beta1, tc.beta2),
+        device_type=device.type,
     )
 
     start_step, tokens_seen, best_val = 0, 0, math.inf
@@ -199,7 +203,17 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
         load_weights(model, ckpt / "model.safetensors")
         info, tensors = read_trainer_state(ckpt)
         model.to(device)
-        restore_optimizer(optimizer, {k: v for k, v in tensors.items() if k.startswith("state.")}, info["optimizer"])
+        if info.get("optimizer"):
+            restore_optimizer(
+                optimizer,
+                {k: v for k, v in tensors.items() if k.startswith("state.")},
+                info["optimizer"],
+            )
+        else:
+            warnings.warn(
+                f"{ckpt} holds no optimizer state (an FSDP run); AdamW moments restart",
+                stacklevel=1,
+            )
         start_step = int(info["step"])
         tokens_seen = int(info["tokens_seen"])
         best_val = float(info.get("best_val_loss", math.inf))
@@ -212,6 +226,7 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
     model.to(device)
     raw_model = model
     model, optimizer = accelerator.prepare(model, optimizer)
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
     if ckpt is not None and accelerator.scaler is not None and "scaler" in info:
         accelerator.scaler.load_state_dict(info["scaler"])
 
@@ -221,7 +236,9 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
         try:
             fwd = torch.compile(model, mode=compile_mode)
         except Exception as e:  # compile itself failed (e.g. unsupported platform)
-            warnings.warn(f"torch.compile unavailable ({type(e).__name__}); training uncompiled", stacklevel=1)
+            warnings.warn(
+                f"torch.compile unavailable ({type(e).__name__}); training uncompiled", stacklevel=1
+            )
             fwd, compile_mode = model, None
 
     tokens_per_step = tc.batch_size * mc.block_size * tc.grad_accum * world
@@ -245,7 +262,15 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
 
     if main and start_step == 0:
         metrics_path.unlink(missing_ok=True)
-        log({"event": "start", "params": n_params, "config": cfg.to_dict(), "world": world, "time": now()})
+        log(
+            {
+                "event": "start",
+                "params": n_params,
+                "config": cfg.to_dict(),
+                "world": world,
+                "time": now(),
+            }
+        )
     elif main:
         _truncate_metrics(metrics_path, start_step)
 
@@ -255,7 +280,9 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
         raw_model.eval()
         tot = torch.zeros(3, dtype=torch.float64, device=device)  # nll sum, tokens, bytes
         with torch.no_grad():
-            for x, y in data.eval_batches(tc.seed, tc.eval_iters, tc.batch_size, rank, world, device):
+            for x, y in data.eval_batches(
+                tc.seed, tc.eval_iters, tc.batch_size, rank, world, device
+            ):
                 with accelerator.autocast():
                     _, loss = raw_model(x, y)
                 n = y.numel()
@@ -266,7 +293,11 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
         raw_model.train()
         nll, n, nbytes = tot.tolist()
         vl = nll / max(n, 1)
-        return {"val_loss": vl, "val_ppl": math.exp(min(vl, 50)), "val_bpb": nll / (math.log(2) * max(nbytes, 1))}
+        return {
+            "val_loss": vl,
+            "val_ppl": math.exp(min(vl, 50)),
+            "val_bpb": nll / (math.log(2) * max(nbytes, 1)),
+        }
 
     def sample_line() -> str:
         if tc.sample_tokens <= 0 or not main:
@@ -282,6 +313,10 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
 
     def checkpoint(step: int, ev: dict | None) -> None:
         nonlocal best_val
+        # FSDP shards the weights: gather a full state dict (a collective, so on every rank).
+        # Its sharded optimizer state is not saved: FSDP resumes restore weights, step and data
+        # position, and restart the AdamW moments (exact resume holds for 1 process and DDP).
+        full_sd = accelerator.get_state_dict(model) if fsdp else None
         accelerator.wait_for_everyone()
         if not main:
             return
@@ -299,7 +334,10 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
             "loader": {"seed": tc.seed, "step": step, "micro": 0},
         }
         if accelerator.scaler is not None:
-            state["scaler"] = {k: (v.item() if torch.is_tensor(v) else v) for k, v in accelerator.scaler.state_dict().items()}
+            state["scaler"] = {
+                k: (v.item() if torch.is_tensor(v) else v)
+                for k, v in accelerator.scaler.state_dict().items()
+            }
         meta = {
             "step": step,
             "tokens_seen": tokens_seen,
@@ -316,12 +354,27 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
             "time": now(),
         }
         save_checkpoint(
-            out_dir, step, raw_model, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-            meta, state, extra, is_best=is_best, keep_last=tc.keep_last,
+            out_dir,
+            step,
+            raw_model,
+            None
+            if fsdp
+            else (optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer),
+            meta,
+            state,
+            extra,
+            is_best=is_best,
+            keep_last=tc.keep_last,
+            model_sd=full_sd,
         )
 
     pbar = tqdm(
-        total=tc.max_iters, initial=start_step, disable=not main, dynamic_ncols=True, desc="train", unit="step"
+        total=tc.max_iters,
+        initial=start_step,
+        disable=not main,
+        dynamic_ncols=True,
+        desc="train",
+        unit="step",
     )
     loss_buf = torch.zeros(tc.log_interval, device=device)
     buf_steps: list[int] = []
@@ -356,7 +409,9 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
 
     end = min(tc.max_iters, tc.stop_at) if tc.stop_at else tc.max_iters
     while step < end:
-        lr = lr_at(step, lr=tc.lr, min_lr=tc.min_lr, warmup_iters=tc.warmup_iters, max_iters=tc.max_iters)
+        lr = lr_at(
+            step, lr=tc.lr, min_lr=tc.min_lr, warmup_iters=tc.warmup_iters, max_iters=tc.max_iters
+        )
         for g in optimizer.param_groups:
             g["lr"] = lr
         step_loss = torch.zeros((), device=device)
@@ -383,12 +438,16 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
         buf_steps.append(step)
         step += 1
         if len(buf_steps) == tc.log_interval or step == end:
-            losses = accelerator.reduce(loss_buf[: len(buf_steps)].clone(), reduction="mean").tolist()  # one sync
+            losses = accelerator.reduce(
+                loss_buf[: len(buf_steps)].clone(), reduction="mean"
+            ).tolist()  # one sync
             bad = [s for s, v in zip(buf_steps, losses) if not math.isfinite(v)]
             if bad and tc.nan_policy == "skip":
                 for s in bad:
                     log({"event": "skipped_step", "step": s + 1})
-                pbar.write(f"skipped {len(bad)} update(s) with a non-finite loss (first at step {bad[0] + 1})")
+                pbar.write(
+                    f"skipped {len(bad)} update(s) with a non-finite loss (first at step {bad[0] + 1})"
+                )
                 bad = []
             if bad:
                 last_ck = latest_checkpoint(out_dir)
@@ -405,11 +464,29 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
             tps = (tokens_seen - tokens_at_last) / dt
             t_last, tokens_at_last = now_t, tokens_seen
             last_loss = losses[-1]
-            row = {"step": step, "tokens": tokens_seen, "loss": last_loss, "lr": lr, "tok_per_s": tps}
+            row = {
+                "step": step,
+                "tokens": tokens_seen,
+                "loss": last_loss,
+                "lr": lr,
+                "tok_per_s": tps,
+            }
             for s, v in zip(buf_steps, losses):
-                log({"step": s + 1, "tokens": tokens_seen - (step - s - 1) * tokens_per_step, "loss": v,
-                     "lr": lr_at(s, lr=tc.lr, min_lr=tc.min_lr, warmup_iters=tc.warmup_iters, max_iters=tc.max_iters),
-                     "tok_per_s": tps})
+                log(
+                    {
+                        "step": s + 1,
+                        "tokens": tokens_seen - (step - s - 1) * tokens_per_step,
+                        "loss": v,
+                        "lr": lr_at(
+                            s,
+                            lr=tc.lr,
+                            min_lr=tc.min_lr,
+                            warmup_iters=tc.warmup_iters,
+                            max_iters=tc.max_iters,
+                        ),
+                        "tok_per_s": tps,
+                    }
+                )
             post = {"loss": f"{last_loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tps:,.0f}"}
             if peak:
                 row["mfu"] = flops_per_token * tps / peak
@@ -419,10 +496,16 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
             buf_steps = []
         if step % tc.eval_interval == 0 or step == end:
             if buf_steps and tc.nan_policy == "stop":  # no unchecked step goes into a checkpoint
-                continue_check = accelerator.reduce(loss_buf[: len(buf_steps)].clone(), reduction="mean").tolist()
+                continue_check = accelerator.reduce(
+                    loss_buf[: len(buf_steps)].clone(), reduction="mean"
+                ).tolist()
                 if not all(math.isfinite(v) for v in continue_check):
-                    bad_step = buf_steps[[math.isfinite(v) for v in continue_check].index(False)] + 1
-                    accelerator.print(f"azgpt: error: the loss became non-finite at step {bad_step}; training stopped.")
+                    bad_step = (
+                        buf_steps[[math.isfinite(v) for v in continue_check].index(False)] + 1
+                    )
+                    accelerator.print(
+                        f"azgpt: error: the loss became non-finite at step {bad_step}; training stopped."
+                    )
                     ok = False
                     break
             ev = evaluate() if eval_enabled else None
@@ -445,7 +528,9 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
                     warnings.warn(f"could not draw loss.png ({e})", stacklevel=1)
     pbar.close()
     if main and ok:
-        accelerator.print(f"done: step {step}, checkpoints in {out_dir} (last -> {os.readlink(out_dir / 'last')})")
+        accelerator.print(
+            f"done: step {step}, checkpoints in {out_dir} (last -> {os.readlink(out_dir / 'last')})"
+        )
     return TrainResult(ok, step, last_loss, last_eval["val_loss"] if last_eval else None, out_dir)
 
 

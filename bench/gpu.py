@@ -62,7 +62,9 @@ def synthetic_data(work: Path, vocab: int, n_tokens: int) -> tuple[Path, Path]:
 
     texts = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "data/sample").glob("*.txt"))]
     save_tokenizer(train_tokenizer(texts, vocab_size=2048), work / "tok")
-    run_prepare([str(ROOT / "data/sample")], str(work / "tok"), str(work / "data"), val_fraction=0.05)
+    run_prepare(
+        [str(ROOT / "data/sample")], str(work / "tok"), str(work / "data"), val_fraction=0.05
+    )
     rng = np.random.default_rng(0)
     man = json.loads((work / "data/manifest.json").read_text())
     for split, n in (("train", n_tokens), ("val", max(n_tokens // 100, 200_000))):
@@ -80,10 +82,19 @@ def run_shape(cfg_path, tok, data, out, batch, block, steps, compile_mode, extra
     from azgpt.train import train
 
     over = [
-        f"--data.dir={data}", f"--data.tokenizer={tok}", f"--train.out_dir={out}",
-        f"--train.batch_size={batch}", f"--model.block_size={block}", f"--train.max_iters={steps}",
-        f"--train.eval_interval={steps}", "--train.eval_iters=0", "--train.sample_tokens=0",
-        "--train.log_interval=5", f"--train.compile={compile_mode}", "--train.warmup_iters=10", *extra,
+        f"--data.dir={data}",
+        f"--data.tokenizer={tok}",
+        f"--train.out_dir={out}",
+        f"--train.batch_size={batch}",
+        f"--model.block_size={block}",
+        f"--train.max_iters={steps}",
+        f"--train.eval_interval={steps}",
+        "--train.eval_iters=0",
+        "--train.sample_tokens=0",
+        "--train.log_interval=5",
+        f"--train.compile={compile_mode}",
+        "--train.warmup_iters=10",
+        *extra,
     ]
     cfg = load_config(cfg_path, over)
     if torch.cuda.is_available():
@@ -102,10 +113,19 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "configs/gpt100m.toml"))
     ap.add_argument("--shapes", default="12x512,32x1024")
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--compile", default="auto", help="train.compile value (auto, off, default, reduce-overhead, ...)")
+    ap.add_argument(
+        "--compile",
+        default="auto",
+        help="train.compile value (auto, off, default, reduce-overhead, ...)",
+    )
     ap.add_argument("--data", help="a prepared data folder (default: random tokens)")
     ap.add_argument("--tokenizer", help="its tokenizer folder")
-    ap.add_argument("--loss-steps", type=int, default=200, help="steps of the compiled-vs-plain loss check (0 skips)")
+    ap.add_argument(
+        "--loss-steps",
+        type=int,
+        default=200,
+        help="steps of the compiled-vs-plain loss check (0 skips)",
+    )
     ap.add_argument("--results", default=str(ROOT / "bench/RESULTS.md"))
     a = ap.parse_args()
 
@@ -115,11 +135,18 @@ def main() -> None:
     from azgpt.model import GPT, GPTConfig
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    card = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    card = (
+        torch.cuda.get_device_name(0)
+        if device.type == "cuda"
+        else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    )
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     peak = matmul_peak(device)
-    print(f"{card}: measured matmul peak {peak / 1e12:.1f} TFLOP/s ({'bf16' if device.type == 'cuda' else 'fp32'})", flush=True)
+    print(
+        f"{card}: measured matmul peak {peak / 1e12:.1f} TFLOP/s ({'bf16' if device.type == 'cuda' else 'fp32'})",
+        flush=True,
+    )
 
     work = Path(tempfile.mkdtemp(prefix="azgpt-gpu-"))
     base = load_config(a.config)
@@ -130,7 +157,9 @@ def main() -> None:
     results = []
     for shape in a.shapes.split(","):
         batch, block = (int(x) for x in shape.lower().split("x"))
-        cfg, rows, wall, mem = run_shape(a.config, tok, data, work / f"run_{shape}", batch, block, a.steps, a.compile)
+        cfg, rows, wall, mem = run_shape(
+            a.config, tok, data, work / f"run_{shape}", batch, block, a.steps, a.compile
+        )
         gcfg = GPTConfig(**{k: getattr(cfg.model, k) for k in GPTConfig.__dataclass_fields__})
         with torch.device("meta"):  # shapes only, no memory
             fpt = GPT(gcfg).flops_per_token()
@@ -154,8 +183,28 @@ def main() -> None:
     loss_note = ""
     if a.loss_steps:
         b0, t0_ = (int(x) for x in a.shapes.split(",")[0].lower().split("x"))
-        _, fast, _, _ = run_shape(a.config, tok, data, work / "loss_fast", b0, t0_, a.loss_steps, a.compile, ["--train.log_interval=1"])
-        _, plain, _, _ = run_shape(a.config, tok, data, work / "loss_plain", b0, t0_, a.loss_steps, "off", ["--train.log_interval=1"])
+        _, fast, _, _ = run_shape(
+            a.config,
+            tok,
+            data,
+            work / "loss_fast",
+            b0,
+            t0_,
+            a.loss_steps,
+            a.compile,
+            ["--train.log_interval=1"],
+        )
+        _, plain, _, _ = run_shape(
+            a.config,
+            tok,
+            data,
+            work / "loss_plain",
+            b0,
+            t0_,
+            a.loss_steps,
+            "off",
+            ["--train.log_interval=1"],
+        )
         diffs = [abs(x["loss"] - y["loss"]) for x, y in zip(fast, plain)]
         k = max(1, len(diffs) // 10)
         tail = sum(x["loss"] for x in fast[-k:]) / k - sum(y["loss"] for y in plain[-k:]) / k
@@ -165,18 +214,23 @@ def main() -> None:
     import accelerate
 
     cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
-    head = (f"\n### {card}, {time.strftime('%Y-%m-%d')}\n\n"
-            f"torch {torch.__version__}, accelerate {accelerate.__version__}, CUDA {torch.version.cuda}; "
-            f"matmul peak measured {peak / 1e12:.1f} TFLOP/s; compile={a.compile}; data={'corpus tokens' if a.data else 'random tokens'}; `{cmd}`\n\n"
-            "| shape (batch x context) | tokens/s | MFU (vs measured peak) | peak memory GiB | step ms p10 / p50 / p90 |\n"
-            "|---|---:|---:|---:|---|\n")
+    head = (
+        f"\n### {card}, {time.strftime('%Y-%m-%d')}\n\n"
+        f"torch {torch.__version__}, accelerate {accelerate.__version__}, CUDA {torch.version.cuda}; "
+        f"matmul peak measured {peak / 1e12:.1f} TFLOP/s; compile={a.compile}; data={'corpus tokens' if a.data else 'random tokens'}; `{cmd}`\n\n"
+        "| shape (batch x context) | tokens/s | MFU (vs measured peak) | peak memory GiB | step ms p10 / p50 / p90 |\n"
+        "|---|---:|---:|---:|---|\n"
+    )
     body = "".join(
         f"| {r['shape']} | {r['tokens_per_s']:,} | {100 * r['mfu']:.1f}% | {r['peak_mem_gib']:.1f} | "
-        f"{r['step_ms_p10']:.1f} / {r['step_ms_p50']:.1f} / {r['step_ms_p90']:.1f} |\n" for r in results
+        f"{r['step_ms_p10']:.1f} / {r['step_ms_p50']:.1f} / {r['step_ms_p90']:.1f} |\n"
+        for r in results
     )
     p = Path(a.results)
     if not p.exists():
-        p.write_text("# Benchmark results\n\nRows appended by bench/gpu.py (GPU) and written by hand from bench/pipeline.py and bench/cpu_train.py.\n")
+        p.write_text(
+            "# Benchmark results\n\nRows appended by bench/gpu.py (GPU) and written by hand from bench/pipeline.py and bench/cpu_train.py.\n"
+        )
     with open(p, "a", encoding="utf-8") as f:
         f.write(head + body + (f"\n{loss_note}\n" if loss_note else ""))
     print(f"appended to {p}")

@@ -28,7 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(args, **kw):
     t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-m", "azgpt", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "azgpt", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
     with PeakRSS(p.pid) as m:
         out, err = p.communicate()
     if p.returncode:
@@ -52,17 +58,31 @@ def encode_batch_baseline(text_file: Path, tok_dir: Path) -> tuple[float, int]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--corpus", default=str(ROOT.parent / "shared" / "corpus" / "az_train"))
-    ap.add_argument("--eval", default=str(ROOT.parent / "shared" / "eval" / "flores200_azj_Latn.dev.txt"))
+    ap.add_argument(
+        "--eval", default=str(ROOT.parent / "shared" / "eval" / "flores200_azj_Latn.dev.txt")
+    )
     ap.add_argument("--big-mb", type=int, default=500)
     ap.add_argument("--skip-pretok", action="store_true")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="azgpt-bench-"))
     corpus = Path(a.corpus)
     mb_in = sum(p.stat().st_size for p in corpus.rglob("*.txt")) / 1e6
-    res: dict = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
-                 "date": time.strftime("%Y-%m-%d"), "corpus_mb": round(mb_in, 1)}
+    res: dict = {
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d"),
+        "corpus_mb": round(mb_in, 1),
+    }
 
-    secs, rss, _ = run(["clean", str(corpus), "--out", str(work / "clean.txt"), "--report", str(work / "clean.json")])
+    secs, rss, _ = run(
+        [
+            "clean",
+            str(corpus),
+            "--out",
+            str(work / "clean.txt"),
+            "--report",
+            str(work / "clean.json"),
+        ]
+    )
     res["clean_mb_s"] = round(mb_in / secs, 2)
     clean_mb = (work / "clean.txt").stat().st_size / 1e6
 
@@ -71,13 +91,25 @@ def main() -> None:
 
     base_s, base_tokens = encode_batch_baseline(work / "clean.txt", work / "tok")
     res["encode_batch_mb_s"] = round(clean_mb / base_s, 2)
-    secs, rss, _ = run(["prepare", str(work / "clean.txt"), "--tokenizer", str(work / "tok"), "--out", str(work / "data")])
+    secs, rss, _ = run(
+        [
+            "prepare",
+            str(work / "clean.txt"),
+            "--tokenizer",
+            str(work / "tok"),
+            "--out",
+            str(work / "data"),
+        ]
+    )
     m = json.loads((work / "data" / "manifest.json").read_text())
     res["prepare_mb_s"] = round(clean_mb / secs, 2)
     res["prepare_speedup_vs_encode_batch"] = round(base_s / secs, 2)
     res["prepare_backend"] = m["encoder_backend"]
     res["prepare_peak_rss_mb"] = round(rss / 1e6)
-    assert m["train"]["tokens"] + m["val"]["tokens"] == base_tokens + m["train"]["documents"] + m["val"]["documents"]
+    assert (
+        m["train"]["tokens"] + m["val"]["tokens"]
+        == base_tokens + m["train"]["documents"] + m["val"]["documents"]
+    )
 
     if a.big_mb:
         big = work / "big.txt"
@@ -88,11 +120,15 @@ def main() -> None:
                 f.write(src)
                 f.write(b"\n\n")
         big_mb = big.stat().st_size / 1e6
-        secs, rss, _ = run(["prepare", str(big), "--tokenizer", str(work / "tok"), "--out", str(work / "bigdata")])
+        secs, rss, _ = run(
+            ["prepare", str(big), "--tokenizer", str(work / "tok"), "--out", str(work / "bigdata")]
+        )
         res["big_input_mb"] = round(big_mb)
         res["big_prepare_mb_s"] = round(big_mb / secs, 2)
         res["big_prepare_peak_rss_mb"] = round(rss / 1e6)
-        res["big_output_mb"] = round(sum(p.stat().st_size for p in (work / "bigdata").glob("*.npy")) / 1e6)
+        res["big_output_mb"] = round(
+            sum(p.stat().st_size for p in (work / "bigdata").glob("*.npy")) / 1e6
+        )
         big.unlink()
 
     _, _, out = run(["tokenizer", "stats", "--tokenizer", str(work / "tok"), "--json", a.eval])
@@ -101,10 +137,24 @@ def main() -> None:
     if not a.skip_pretok:
         res["pretokenizers"] = {}
         for name in ("az", "gpt2", "gpt4"):
-            run(["tokenizer", "train", str(work / "clean.txt"), "--out", str(work / f"tok_{name}"), "--pretokenizer", name])
-            _, _, out = run(["tokenizer", "stats", "--tokenizer", str(work / f"tok_{name}"), "--json", a.eval])
+            run(
+                [
+                    "tokenizer",
+                    "train",
+                    str(work / "clean.txt"),
+                    "--out",
+                    str(work / f"tok_{name}"),
+                    "--pretokenizer",
+                    name,
+                ]
+            )
+            _, _, out = run(
+                ["tokenizer", "stats", "--tokenizer", str(work / f"tok_{name}"), "--json", a.eval]
+            )
             s = json.loads(out)
-            res["pretokenizers"][name] = {k: s[k] for k in ("tokens_per_word", "bytes_per_token", "share_words_3plus_tokens")}
+            res["pretokenizers"][name] = {
+                k: s[k] for k in ("tokens_per_word", "bytes_per_token", "share_words_3plus_tokens")
+            }
     print(json.dumps(res, indent=2))
 
 

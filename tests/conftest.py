@@ -48,6 +48,11 @@ def fresh_prepare_worker_state(monkeypatch):
     the other tests independent of their order.
     """
     monkeypatch.setattr(azgpt.data, "_WORKER", {})
+    # azgpt.cli.main sets TOKENIZERS_PARALLELISM=true for the whole process; with it set, a
+    # forked prepare worker deadlocks once this process has used tokenizers' thread pool (see
+    # test_data.py::test_prepare_workers_after_in_process_encoding_do_not_hang). Undo it after
+    # every test so in-process `main(...)` calls do not change the tests that follow.
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,9 @@ def save(tmp_path, m, step=1):
     _, loss = m(x, x)
     loss.backward()
     opt.step()
-    return save_checkpoint(tmp_path, step, m, opt, {"step": step}, {"step": step, "tokens_seen": 0}), opt
+    return save_checkpoint(
+        tmp_path, step, m, opt, {"step": step}, {"step": step, "tokens_seen": 0}
+    ), opt
 
 
 def test_save_load_is_bitwise_identical_with_tied_weights(tmp_path):
@@ -55,7 +57,9 @@ def test_optimizer_state_round_trips(tmp_path):
 def test_keep_last_prunes_but_keeps_best(tmp_path):
     m = model()
     opt = make_optimizer(m, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu")
-    save_checkpoint(tmp_path, 1, m, opt, {}, {"step": 1, "tokens_seen": 0}, is_best=True, keep_last=2)
+    save_checkpoint(
+        tmp_path, 1, m, opt, {}, {"step": 1, "tokens_seen": 0}, is_best=True, keep_last=2
+    )
     for s in (2, 3, 4):
         save_checkpoint(tmp_path, s, m, opt, {}, {"step": s, "tokens_seen": 0}, keep_last=2)
     names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step-"))

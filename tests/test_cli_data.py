@@ -10,12 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import read_docs, read_output_docs
 
 from azgpt import __version__
 from azgpt.cli import main
 from azgpt.tokenizer import fertility, load_tokenizer
-
-from conftest import read_docs, read_output_docs
 
 AZ_DOCS = [
     "Azərbaycanın paytaxtı Bakı şəhəridir. Xəzər dənizinin sahilində yerləşir.",
@@ -110,9 +109,7 @@ def test_clean_dedup_filter_and_report(capsys, tmp_path):
     src = write_txt(tmp_path / "in.txt", inputs)
     out = tmp_path / "out" / "clean.txt"
     report = tmp_path / "reports" / "clean.json"
-    stdout, _ = run_ok(
-        capsys, ["clean", src, "--out", out, "--report", report, "--workers", "1"]
-    )
+    stdout, _ = run_ok(capsys, ["clean", src, "--out", out, "--report", report, "--workers", "1"])
     assert read_output_docs(out) == [AZ_DOCS[0], AZ_DOCS[1], AZ_DOCS[2]]
     r = json.loads(report.read_text(encoding="utf-8"))
     assert r["documents_in"] == 6
@@ -230,12 +227,21 @@ def test_tokenizer_train_and_stats_json(capsys, tmp_path, sample_dir, sample_doc
     for k, v in want.items():
         assert stats[k] == v, k
     assert stats["vocab_size"] == 600
-    for k in ("tokens_per_word", "bytes_per_token", "share_words_3plus_tokens", "words", "tokens", "bytes"):
+    for k in (
+        "tokens_per_word",
+        "bytes_per_token",
+        "share_words_3plus_tokens",
+        "words",
+        "tokens",
+        "bytes",
+    ):
         assert k in stats
 
 
 def test_tokenizer_stats_text(capsys, tokenizer_dir, sample_files):
-    stdout, _ = run_ok(capsys, ["tokenizer", "stats", sample_files[0], "--tokenizer", tokenizer_dir])
+    stdout, _ = run_ok(
+        capsys, ["tokenizer", "stats", sample_files[0], "--tokenizer", tokenizer_dir]
+    )
     assert "tokens_per_word:" in stdout
     assert "vocab_size: 1000" in stdout
 
@@ -244,7 +250,17 @@ def test_tokenizer_train_pretokenizer_choice(capsys, tmp_path, sample_files):
     out = tmp_path / "tok"
     run_ok(
         capsys,
-        ["tokenizer", "train", sample_files[0], "--vocab-size", "300", "--pretokenizer", "gpt2", "--out", out],
+        [
+            "tokenizer",
+            "train",
+            sample_files[0],
+            "--vocab-size",
+            "300",
+            "--pretokenizer",
+            "gpt2",
+            "--out",
+            out,
+        ],
     )
     spec = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
     assert "'s|'t" in spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"]
@@ -263,7 +279,9 @@ def test_prepare_cli(capsys, tmp_path, sample_dir, tokenizer_dir, prepared_dir):
         ],
     )  # fmt: skip
     m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    assert f"train: {m['train']['tokens']:,} tokens in {m['train']['documents']:,} documents" in stdout
+    assert (
+        f"train: {m['train']['tokens']:,} tokens in {m['train']['documents']:,} documents" in stdout
+    )
     assert "train.npy" in stdout and "manifest.json" in stdout
     for s in ("train", "val"):
         assert (out / f"{s}.npy").read_bytes() == (prepared_dir / f"{s}.npy").read_bytes()
@@ -271,11 +289,25 @@ def test_prepare_cli(capsys, tmp_path, sample_dir, tokenizer_dir, prepared_dir):
     assert m["azgpt_version"] == __version__
 
 
-def test_prepare_cli_auto_backend_from_clean_output(capsys, tmp_path, sample_dir, tokenizer_dir, tok):
+def test_prepare_cli_auto_backend_from_clean_output(
+    capsys, tmp_path, sample_dir, tokenizer_dir, tok
+):
     clean = tmp_path / "clean.txt"
     run_ok(capsys, ["clean", sample_dir, "--out", clean, "--workers", "1"])
     out = tmp_path / "data"
-    run_ok(capsys, ["prepare", clean, "--tokenizer", tokenizer_dir / "tokenizer.json", "--out", out, "--val-fraction", "0.05"])
+    run_ok(
+        capsys,
+        [
+            "prepare",
+            clean,
+            "--tokenizer",
+            tokenizer_dir / "tokenizer.json",
+            "--out",
+            out,
+            "--val-fraction",
+            "0.05",
+        ],
+    )
     m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     n_docs = len(read_docs(clean))
     assert m["train"]["documents"] + m["val"]["documents"] == n_docs
@@ -303,7 +335,11 @@ def test_missing_required_option(capsys, sample_files):
 
 
 def test_bad_workers_value(capsys, tmp_path, sample_files):
-    user_error(capsys, ["clean", sample_files[0], "--out", tmp_path / "o.txt", "--workers", "0"], "--workers")
+    user_error(
+        capsys,
+        ["clean", sample_files[0], "--out", tmp_path / "o.txt", "--workers", "0"],
+        "--workers",
+    )
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -328,14 +364,14 @@ def bad(tmp_path) -> dict[str, Path]:
     files["empty"].write_bytes(b"")
     files["blank"].write_bytes(b"\n \n\t\n")
     files["binary"].write_bytes(b"\x7fELF\x02\x01\x01\x00\x00\x00" + bytes(range(256)) * 4)
-    files["nofield"].write_text(
-        '{"body": "Azərbaycan"}\n{"content": "Bakı"}\n', encoding="utf-8"
-    )
+    files["nofield"].write_text('{"body": "Azərbaycan"}\n{"content": "Bakı"}\n', encoding="utf-8")
     files["notgzip"].write_bytes(b"this is not gzip data at all")
     write_txt(files["english"], ENGLISH)
     files["regular_file"].write_text("I am a file, not a folder.\n", encoding="utf-8")
     files["corrupt_tok"].mkdir()
-    (files["corrupt_tok"] / "tokenizer.json").write_text('{"version": "1.0", garbage', encoding="utf-8")
+    (files["corrupt_tok"] / "tokenizer.json").write_text(
+        '{"version": "1.0", garbage', encoding="utf-8"
+    )
     files["missing_tok"].mkdir()
     return files
 
@@ -391,15 +427,28 @@ def test_empty_folder_input(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("cmd", ["prepare", "stats"])
-@pytest.mark.parametrize("which, mention", [("missing_tok", "does not exist"), ("corrupt_tok", "corrupt")])
+@pytest.mark.parametrize(
+    "which, mention", [("missing_tok", "does not exist"), ("corrupt_tok", "corrupt")]
+)
 def test_bad_tokenizer(capsys, tmp_path, bad, sample_files, cmd, which, mention):
     tok_json = bad[which] / "tokenizer.json"
     out = tmp_path / "out"
     if cmd == "prepare":
-        argv = ["prepare", sample_files[0], "--tokenizer", bad[which], "--out", out, "--workers", "1"]
+        argv = [
+            "prepare",
+            sample_files[0],
+            "--tokenizer",
+            bad[which],
+            "--out",
+            out,
+            "--workers",
+            "1",
+        ]
     else:
         argv = ["tokenizer", "stats", sample_files[0], "--tokenizer", bad[which]]
-    user_error(capsys, argv, tok_json, mention, "--tokenizer" if which == "missing_tok" else "retrain")
+    user_error(
+        capsys, argv, tok_json, mention, "--tokenizer" if which == "missing_tok" else "retrain"
+    )
     assert_nothing_written(out)
 
 
@@ -408,7 +457,10 @@ def test_corrupt_tokenizer_file_given_directly(capsys, tmp_path, sample_files):
     p.write_text("[[[ not a tokenizer", encoding="utf-8")
     out = tmp_path / "out"
     user_error(
-        capsys, ["prepare", sample_files[0], "--tokenizer", p, "--out", out, "--workers", "1"], p, "corrupt"
+        capsys,
+        ["prepare", sample_files[0], "--tokenizer", p, "--out", out, "--workers", "1"],
+        p,
+        "corrupt",
     )
     assert_nothing_written(out)
 
@@ -428,7 +480,9 @@ def test_vocab_too_large_for_uint16(capsys, tmp_path, sample_files, vocab):
 def test_vocab_too_small(capsys, tmp_path, sample_files):
     out = tmp_path / "tok"
     user_error(
-        capsys, ["tokenizer", "train", sample_files[0], "--vocab-size", "100", "--out", out], "--vocab-size"
+        capsys,
+        ["tokenizer", "train", sample_files[0], "--vocab-size", "100", "--out", out],
+        "--vocab-size",
     )
     assert_nothing_written(out)
 
@@ -438,7 +492,16 @@ def test_bad_val_fraction(capsys, tmp_path, sample_files, tokenizer_dir, frac):
     out = tmp_path / "out"
     user_error(
         capsys,
-        ["prepare", sample_files[0], "--tokenizer", tokenizer_dir, "--out", out, "--val-fraction", frac],
+        [
+            "prepare",
+            sample_files[0],
+            "--tokenizer",
+            tokenizer_dir,
+            "--out",
+            out,
+            "--val-fraction",
+            frac,
+        ],
         "--val-fraction",
     )
     assert_nothing_written(out)
@@ -448,7 +511,16 @@ def test_bad_backend(capsys, tmp_path, sample_files, tokenizer_dir):
     out = tmp_path / "out"
     user_error(
         capsys,
-        ["prepare", sample_files[0], "--tokenizer", tokenizer_dir, "--out", out, "--backend", "fastest"],
+        [
+            "prepare",
+            sample_files[0],
+            "--tokenizer",
+            tokenizer_dir,
+            "--out",
+            out,
+            "--backend",
+            "fastest",
+        ],
         "--backend",
     )
     assert_nothing_written(out)
@@ -467,7 +539,12 @@ def test_output_under_a_regular_file(capsys, bad, sample_files, tokenizer_dir, c
 
 def test_clean_nothing_left(capsys, tmp_path, bad):
     out = tmp_path / "out.txt"
-    user_error(capsys, ["clean", bad["english"], "--out", out, "--workers", "1"], bad["english"], "no documents")
+    user_error(
+        capsys,
+        ["clean", bad["english"], "--out", out, "--workers", "1"],
+        bad["english"],
+        "no documents",
+    )
     assert_nothing_written(out)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PREPARE_SEED, PREPARE_VAL_FRACTION, TOKENIZER_VOCAB, read_output_docs
 
 import azgpt
 import azgpt.data
@@ -20,8 +21,6 @@ from azgpt.data import MANIFEST, TokenData, run_prepare
 from azgpt.errors import UserError
 from azgpt.text import clean_document
 from azgpt.tokenizer import decode, encode, eot_id, sha256_file
-
-from conftest import PREPARE_SEED, PREPARE_VAL_FRACTION, TOKENIZER_VOCAB, read_output_docs
 
 AZ_DOCS = [
     "Azərbaycanın paytaxtı Bakı şəhəridir. Xəzər dənizinin sahilində yerləşir.",
@@ -151,7 +150,10 @@ def test_clean_gz_and_jsonl_inputs(tmp_path):
         f.write("\n\n".join(AZ_DOCS[:2]) + "\n")
     jsonl = tmp_path / "b.jsonl"
     jsonl.write_text(
-        "\n".join(json.dumps({"id": i, "content": d}, ensure_ascii=False) for i, d in enumerate(AZ_DOCS[2:4]))
+        "\n".join(
+            json.dumps({"id": i, "content": d}, ensure_ascii=False)
+            for i, d in enumerate(AZ_DOCS[2:4])
+        )
         + "\n",
         encoding="utf-8",
     )
@@ -212,7 +214,11 @@ def test_clean_invalid_utf8_counted(tmp_path):
     src.write_bytes(raw)
     out = tmp_path / "out.txt"
     rep = run_clean([str(src)], str(out))
-    assert read_output_docs(out) == [AZ_DOCS[0], "Gəncə ölkənin ikinci böyük şəhəridir.", AZ_DOCS[2]]
+    assert read_output_docs(out) == [
+        AZ_DOCS[0],
+        "Gəncə ölkənin ikinci böyük şəhəridir.",
+        AZ_DOCS[2],
+    ]
     assert rep.input["invalid_utf8_lines"] == 2
 
 
@@ -348,8 +354,12 @@ def test_split_depends_on_seed(sample_dir, tokenizer_dir, tmp_path, prepared_dir
 
 
 @pytest.mark.parametrize("batch_bytes", [1 << 20, 3000])
-def test_tiny_val_fraction_still_gives_one_val_doc(sample_dir, tokenizer_dir, tmp_path, sample_docs, batch_bytes):
-    r = _prepare(sample_dir, tokenizer_dir, tmp_path / "c", val_fraction=1e-9, batch_bytes=batch_bytes)
+def test_tiny_val_fraction_still_gives_one_val_doc(
+    sample_dir, tokenizer_dir, tmp_path, sample_docs, batch_bytes
+):
+    r = _prepare(
+        sample_dir, tokenizer_dir, tmp_path / "c", val_fraction=1e-9, batch_bytes=batch_bytes
+    )
     m = r.manifest
     assert m["val"]["documents"] == 1
     assert m["train"]["documents"] == len(sample_docs) - 1
@@ -358,7 +368,10 @@ def test_tiny_val_fraction_still_gives_one_val_doc(sample_dir, tokenizer_dir, tm
     # The moved document is the last one of the corpus.
     tok_ids = np.asarray(load(tmp_path / "c", "val"))
     assert tok_ids[-1] == m["eot_id"]
-    assert int((np.asarray(load(tmp_path / "c", "train")) == m["eot_id"]).sum()) == len(sample_docs) - 1
+    assert (
+        int((np.asarray(load(tmp_path / "c", "train")) == m["eot_id"]).sum())
+        == len(sample_docs) - 1
+    )
 
 
 def test_backends_give_identical_files(sample_dir, tokenizer_dir, tmp_path, prepared_dir):
@@ -376,7 +389,9 @@ def test_workers_give_identical_files(sample_dir, tokenizer_dir, tmp_path, backe
     if backend == "tiktoken":
         pytest.importorskip("tiktoken")
     _prepare(sample_dir, tokenizer_dir, tmp_path / "w1", backend=backend, batch_bytes=4000)
-    _prepare(sample_dir, tokenizer_dir, tmp_path / "w2", backend=backend, batch_bytes=4000, workers=2)
+    _prepare(
+        sample_dir, tokenizer_dir, tmp_path / "w2", backend=backend, batch_bytes=4000, workers=2
+    )
     assert npy_bytes(tmp_path / "w1") == npy_bytes(tmp_path / "w2")
 
 
@@ -391,11 +406,22 @@ def test_prepare_jsonl_input(tmp_path, tokenizer_dir, tok):
         "\n".join(json.dumps({"t": d}, ensure_ascii=False) for d in AZ_DOCS) + "\n{bad\n",
         encoding="utf-8",
     )
-    r = run_prepare([str(src)], str(tokenizer_dir), str(tmp_path / "o"), text_field="t", val_fraction=0.3, workers=1)
+    r = run_prepare(
+        [str(src)],
+        str(tokenizer_dir),
+        str(tmp_path / "o"),
+        text_field="t",
+        val_fraction=0.3,
+        workers=1,
+    )
     assert r.manifest["train"]["documents"] + r.manifest["val"]["documents"] == len(AZ_DOCS)
     assert r.manifest["input_problems"] == {"bad_json_lines": 1}
     eot = eot_id(tok)
-    docs = [decode(tok, ids) for s in ("train", "val") for ids in split_docs(load(tmp_path / "o", s), eot)]
+    docs = [
+        decode(tok, ids)
+        for s in ("train", "val")
+        for ids in split_docs(load(tmp_path / "o", s), eot)
+    ]
     assert Counter(docs) == Counter(AZ_DOCS)
 
 
@@ -418,7 +444,9 @@ def test_prepare_literal_special_token_text(tmp_path, tokenizer_dir, tok, monkey
         # A fresh encoder state per run (see test_prepare_does_not_reuse_encoder_of_previous_run).
         monkeypatch.setattr(azgpt.data, "_WORKER", {})
         out = tmp_path / backend
-        r = run_prepare([str(src)], str(tokenizer_dir), str(out), val_fraction=0.3, workers=1, backend=backend)
+        r = run_prepare(
+            [str(src)], str(tokenizer_dir), str(out), val_fraction=0.3, workers=1, backend=backend
+        )
         m = r.manifest
         arr = np.concatenate([np.asarray(load(out, "train")), np.asarray(load(out, "val"))])
         n_eot = int((arr == eot_id(tok)).sum())
@@ -429,7 +457,9 @@ def test_prepare_literal_special_token_text(tmp_path, tokenizer_dir, tok, monkey
     assert results["tokenizers"][0] == results["tiktoken"][0]
 
 
-def test_prepare_does_not_reuse_encoder_of_previous_run(tmp_path, sample_dir, tokenizer_dir, sample_docs, tok):
+def test_prepare_does_not_reuse_encoder_of_previous_run(
+    tmp_path, sample_dir, tokenizer_dir, sample_docs, tok
+):
     # With workers=1 run_prepare sets up its encoder in this process (azgpt.data._init_worker
     # fills the module-global dict _WORKER) and never clears it. _encode_batch prefers
     # _WORKER["enc"] whenever it is present, so after one tiktoken run every later run in the
@@ -451,8 +481,57 @@ def test_prepare_does_not_reuse_encoder_of_previous_run(tmp_path, sample_dir, to
         f"token file of a 300-id tokenizer holds id {int(train.max())}: encoded with the previous run's tokenizer"
     )
     eot = eot_id(small)
-    decoded = [decode(small, ids) for s in ("train", "val") for ids in split_docs(load(tmp_path / "second", s), eot)]
+    decoded = [
+        decode(small, ids)
+        for s in ("train", "val")
+        for ids in split_docs(load(tmp_path / "second", s), eot)
+    ]
     assert Counter(decoded) == Counter(sample_docs)
+
+
+_HANG_SCRIPT = """
+import os, sys
+os.environ["TOKENIZERS_PARALLELISM"] = "true"  # what azgpt.cli.main sets for the process
+from azgpt.data import run_prepare
+sample, tok, out = sys.argv[1:4]
+kw = dict(val_fraction=0.1, backend="tokenizers", batch_bytes=4000)
+run_prepare([sample], tok, out + "/w1", workers=1, **kw)  # encodes in this process
+run_prepare([sample], tok, out + "/w2", workers=2, **kw)  # then forks encoder processes
+print("done")
+"""
+
+
+def test_prepare_workers_after_in_process_encoding_do_not_hang(tmp_path, sample_dir, tokenizer_dir):
+    # run_prepare forks its ProcessPoolExecutor workers. When TOKENIZERS_PARALLELISM=true (set by
+    # azgpt.cli.main via os.environ.setdefault) and the process has already run
+    # Tokenizer.encode_batch (here: an earlier run_prepare with workers=1), the forked workers
+    # call encode_batch on a Rayon thread pool whose threads did not survive the fork and hang
+    # forever; run_prepare never returns. (Without the variable, tokenizers notices the fork
+    # and turns parallelism off in the child.) Run in a subprocess so a hang cannot stall the
+    # suite.
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HANG_SCRIPT, str(sample_dir), str(tokenizer_dir), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the session holds the forked workers too
+        proc.communicate()
+        pytest.fail(
+            "run_prepare(workers=2) hung after an in-process run with TOKENIZERS_PARALLELISM=true"
+        )
+    assert proc.returncode == 0, err
+    assert out.strip() == "done"
+    assert npy_bytes(tmp_path / "w1") == npy_bytes(tmp_path / "w2")
 
 
 def test_prepare_nfc_normalises_documents(tmp_path, tokenizer_dir, tok):
@@ -462,7 +541,11 @@ def test_prepare_nfc_normalises_documents(tmp_path, tokenizer_dir, tok):
     src = write_txt(tmp_path / "in.txt", docs)
     run_prepare([str(src)], str(tokenizer_dir), str(tmp_path / "o"), val_fraction=0.3, workers=1)
     eot = eot_id(tok)
-    out = [decode(tok, ids) for s in ("train", "val") for ids in split_docs(load(tmp_path / "o", s), eot)]
+    out = [
+        decode(tok, ids)
+        for s in ("train", "val")
+        for ids in split_docs(load(tmp_path / "o", s), eot)
+    ]
     assert Counter(out) == Counter(AZ_DOCS)
 
 
@@ -471,8 +554,7 @@ def test_prepare_single_document_is_user_error(tmp_path, tokenizer_dir):
     out = tmp_path / "o"
     with pytest.raises(UserError, match="at least two"):
         run_prepare([str(src)], str(tokenizer_dir), str(out), workers=1)
-    assert not (out / "train.npy").exists() and not (out / MANIFEST).exists()
-    assert list(out.iterdir()) == []
+    assert not out.exists()  # a failed prepare leaves nothing behind, not even the folder
 
 
 @pytest.mark.parametrize("frac", [0.0, 1.0, -0.1, 1.5])
@@ -484,7 +566,9 @@ def test_prepare_bad_val_fraction(tmp_path, tokenizer_dir, sample_dir, frac):
 
 def test_prepare_bad_backend(tmp_path, tokenizer_dir, sample_dir):
     with pytest.raises(UserError, match="--backend"):
-        run_prepare([str(sample_dir)], str(tokenizer_dir), str(tmp_path / "o"), backend="sentencepiece")
+        run_prepare(
+            [str(sample_dir)], str(tokenizer_dir), str(tmp_path / "o"), backend="sentencepiece"
+        )
 
 
 # ----------------------------------------------------------------------------- TokenData

@@ -3,11 +3,11 @@ import math
 import pytest
 import torch
 from torch.nn import functional as F
+from trainkit import make_data
 
 from azgpt.evaluate import eval_texts, score_sequences, windows
 from azgpt.model import GPT, GPTConfig
 from azgpt.tokenizer import EOT, encode, load_tokenizer
-from trainkit import make_data
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,9 @@ def model(block=16, vocab=512):
     return GPT(GPTConfig(vocab_size=vocab, block_size=block, n_layer=2, n_head=2, n_embd=32)).eval()
 
 
-@pytest.mark.parametrize("n,block,stride", [(5, 16, 8), (40, 16, 8), (40, 16, 1), (17, 16, 16), (100, 16, 5)])
+@pytest.mark.parametrize(
+    "n,block,stride", [(5, 16, 8), (40, 16, 8), (40, 16, 1), (17, 16, 16), (100, 16, 5)]
+)
 def test_windows_score_every_target_exactly_once(n, block, stride):
     seen = []
     for b, e, first in windows(n + 1, block, stride):
@@ -54,7 +56,9 @@ def test_bpb_equals_hand_computation(tok, tmp_path):
 
 def test_sliding_windows_equal_one_pass_for_a_short_document(tok):
     m = model(block=64)
-    ids = [tok.token_to_id(EOT)] + encode(tok, "Azərbaycanın paytaxtı Bakı şəhəridir. Kür ən uzun çaydır.")
+    ids = [tok.token_to_id(EOT)] + encode(
+        tok, "Azərbaycanın paytaxtı Bakı şəhəridir. Kür ən uzun çaydır."
+    )
     assert len(ids) < 64
     one = score_sequences(m, [ids], stride=64, batch_size=1, device="cpu")
     for stride in (1, 7, 32):
@@ -75,5 +79,14 @@ def test_probes_cover_every_group():
     from azgpt.probe_items import PROBES
 
     groups = {g for g, *_ in PROBES}
-    assert groups == {"capital", "currency", "rivers", "sequence", "vowel_harmony", "plural", "dotless_i", "az_vs_tr"}
+    assert groups == {
+        "capital",
+        "currency",
+        "rivers",
+        "sequence",
+        "vowel_harmony",
+        "plural",
+        "dotless_i",
+        "az_vs_tr",
+    }
     assert all(0 <= ans < len(c) for _, _, c, ans in PROBES)

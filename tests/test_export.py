@@ -1,9 +1,9 @@
 import pytest
 import torch
+from trainkit import azgpt, make_data, tiny_config
 
 from azgpt.errors import UserError
 from azgpt.train import train
-from trainkit import azgpt, make_data, tiny_config
 
 transformers = pytest.importorskip("transformers")  # `make test` installs it (the dev extra)
 
@@ -25,7 +25,13 @@ def test_exported_model_matches_azgpt(run, tmp_path):
 
     ck, tok_dir = run[0] / "last", run[1]
     out = export_hf(str(ck), str(tmp_path / "hf"))
-    for f in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md"):
+    for f in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "generation_config.json",
+        "README.md",
+    ):
         assert (out / f).is_file()
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     hft = AutoTokenizer.from_pretrained(out)
@@ -41,7 +47,9 @@ def test_exported_model_matches_azgpt(run, tmp_path):
         a = hf(x).logits
         b, _ = ours(x)
     assert (a - b).abs().max().item() < 1e-4
-    g_hf = hf.generate(x[:, :5], max_new_tokens=12, do_sample=False, pad_token_id=hft.pad_token_id)[0, 5:].tolist()
+    g_hf = hf.generate(x[:, :5], max_new_tokens=12, do_sample=False, pad_token_id=hft.pad_token_id)[
+        0, 5:
+    ].tolist()
     g_ours = [int(t) for t in ours.generate(x[:, :5], 12, temperature=0)]
     assert g_hf[: len(g_ours)] == g_ours
     card = (out / "README.md").read_text()
@@ -66,10 +74,17 @@ def test_eval_and_report_cli(run, tmp_path):
     import json
 
     import matplotlib.image as mpimg
-
     from trainkit import SAMPLE
 
-    r = azgpt("eval", "--ckpt", str(run[0] / "last"), "--text", str(SAMPLE / "history.txt"), "--probes", "--json")
+    r = azgpt(
+        "eval",
+        "--ckpt",
+        str(run[0] / "last"),
+        "--text",
+        str(SAMPLE / "history.txt"),
+        "--probes",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["bpb"] > 0 and out["documents"] > 10 and 0 <= out["probes"]["overall"] <= 1

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from trainkit import ROOT, SAMPLE, azgpt, make_data, tiny_config, tiny_overrides
 
 from azgpt.checkpoint import is_complete, latest_checkpoint
 from azgpt.errors import UserError
 from azgpt.train import train
-from trainkit import ROOT, SAMPLE, azgpt, make_data, tiny_config, tiny_overrides
 
 CFG = str(ROOT / "configs" / "tiny.toml")
 
@@ -39,9 +39,24 @@ def same_weights(a: Path, b: Path) -> bool:
 
 
 def start_trainer(tok, d, out, env=None, **over):
-    args = [sys.executable, "-m", "azgpt", "train", "--config", CFG, "--resume", *tiny_overrides(tok, d, out, **over)]
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})}, start_new_session=True)
+    args = [
+        sys.executable,
+        "-m",
+        "azgpt",
+        "train",
+        "--config",
+        CFG,
+        "--resume",
+        *tiny_overrides(tok, d, out, **over),
+    ]
+    return subprocess.Popen(
+        args,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
 
 
 def kill9(p):
@@ -81,7 +96,12 @@ def test_kill_during_checkpoint_write_then_resume_is_exact(data, tmp_path):
 @pytest.mark.slow
 def test_twenty_random_kills_lose_nothing(data, tmp_path):
     tok, d = data
-    over = {"train.max_iters": 6000, "train.eval_interval": 40, "train.eval_iters": 1, "train.log_interval": 10}
+    over = {
+        "train.max_iters": 6000,
+        "train.eval_interval": 40,
+        "train.eval_iters": 1,
+        "train.log_interval": 10,
+    }
     train(tiny_config(tok, d, tmp_path / "straight", **over))
     out = tmp_path / "killed"
     rng = random.Random(0)
@@ -139,12 +159,20 @@ def test_second_trainer_on_the_same_folder_refuses(data, tmp_path):
         deadline = time.time() + 120
         while not list(out.glob(".tmp-step-*")) and time.time() < deadline:
             time.sleep(0.1)
-        r = azgpt("train", "--config", CFG, "--resume", *tiny_overrides(tok, d, out, **{"train.max_iters": 8}))
+        r = azgpt(
+            "train",
+            "--config",
+            CFG,
+            "--resume",
+            *tiny_overrides(tok, d, out, **{"train.max_iters": 8}),
+        )
         assert r.returncode == 2 and "another trainer" in r.stderr and "Traceback" not in r.stderr
     finally:
         kill9(p)
     # the killed holder leaves no stuck lock: a new trainer gets it
-    r = azgpt("train", "--config", CFG, "--resume", *tiny_overrides(tok, d, out, **{"train.max_iters": 8}))
+    r = azgpt(
+        "train", "--config", CFG, "--resume", *tiny_overrides(tok, d, out, **{"train.max_iters": 8})
+    )
     assert r.returncode == 0, r.stderr[-2000:]
 
 
@@ -161,12 +189,29 @@ def test_prepare_killed_half_way_then_rerun_gives_the_same_files(data, tmp_path)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "out"
     for delay in (0.5, 1.5, 2.5):
-        p = subprocess.Popen([sys.executable, "-m", "azgpt", "prepare", str(big), "--tokenizer", str(tok),
-                              "--out", str(out), "--workers", "2"], start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "azgpt",
+                "prepare",
+                str(big),
+                "--tokenizer",
+                str(tok),
+                "--out",
+                str(out),
+                "--workers",
+                "2",
+            ],
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(delay)
         kill9(p)
-        if (out / "train.npy").exists():  # only a complete, manifest-backed file may carry the final name
+        if (
+            out / "train.npy"
+        ).exists():  # only a complete, manifest-backed file may carry the final name
             m = json.loads((out / "manifest.json").read_text())
             assert len(np.load(out / "train.npy", mmap_mode="r")) == m["train"]["tokens"]
     r = azgpt("prepare", str(big), "--tokenizer", str(tok), "--out", str(out), "--workers", "2")
@@ -191,7 +236,9 @@ def test_planted_pickle_is_refused_by_resume_and_sample(data, tmp_path):
     marker = tmp_path / "PWNED"
     ck = out / "last"
     (ck / "optimizer.safetensors").write_bytes(pickle.dumps(_Payload(marker)))
-    r = azgpt("train", "--config", CFG, "--resume", *tiny_overrides(tok, d, out, **{"train.max_iters": 8}))
+    r = azgpt(
+        "train", "--config", CFG, "--resume", *tiny_overrides(tok, d, out, **{"train.max_iters": 8})
+    )
     assert r.returncode == 2 and "corrupt" in r.stderr and "Traceback" not in r.stderr
     (ck / "model.safetensors").write_bytes(pickle.dumps(_Payload(marker)))
     r = azgpt("sample", "--ckpt", str(ck), "--prompt", "Bakı")
@@ -216,12 +263,16 @@ def env(tmp_path_factory, data):
     (base / "nofield.jsonl").write_text('{"body": "Bakı"}\n{"body": "Gəncə"}\n')
     (base / "corrupt_tok").mkdir()
     (base / "corrupt_tok" / "tokenizer.json").write_text("{not json")
-    (base / "english.txt").write_text("This is an English sentence about the weather in London.\n\nHello world, how are you today?\n")
+    (base / "english.txt").write_text(
+        "This is an English sentence about the weather in London.\n\nHello world, how are you today?\n"
+    )
     (base / "cfg_bad.toml").write_text("[train\nlr = 1")
     (base / "cfg_type.toml").write_text('[train]\nbatch_size = "twelve"\n')
     trunc = base / "trunc_ck"
     shutil.copytree(run / "last", trunc)
-    (trunc / "model.safetensors").write_bytes((run / "last" / "model.safetensors").read_bytes()[:64])
+    (trunc / "model.safetensors").write_bytes(
+        (run / "last" / "model.safetensors").read_bytes()[:64]
+    )
     badjson = base / "badjson_ck"
     shutil.copytree(run / "last", badjson)
     (badjson / "config.json").write_text("{oops")
@@ -248,13 +299,31 @@ def _cases(e):
         (["tokenizer", "train", str(SAMPLE), "--out", o, "--vocab-size", "70000"], "--vocab-size"),
         (["tokenizer", "train", str(SAMPLE), "--out", o, "--vocab-size", "-5"], "--vocab-size"),
         (["tokenizer", "train", str(b / "empty.txt"), "--out", o], "empty.txt"),
-        (["tokenizer", "train", str(SAMPLE), "--out", o, "--pretokenizer", "nope"], "--pretokenizer"),
-        (["tokenizer", "stats", str(SAMPLE), "--tokenizer", str(b / "corrupt_tok")], "tokenizer.json"),
+        (
+            ["tokenizer", "train", str(SAMPLE), "--out", o, "--pretokenizer", "nope"],
+            "--pretokenizer",
+        ),
+        (
+            ["tokenizer", "stats", str(SAMPLE), "--tokenizer", str(b / "corrupt_tok")],
+            "tokenizer.json",
+        ),
         (["prepare", str(SAMPLE), "--tokenizer", str(b / "no_tok"), "--out", o], "tokenizer.json"),
-        (["prepare", str(SAMPLE), "--tokenizer", str(b / "corrupt_tok"), "--out", o], "tokenizer.json"),
-        (["prepare", str(SAMPLE), "--tokenizer", str(tok), "--out", o, "--val-fraction", "0"], "--val-fraction"),
-        (["prepare", str(SAMPLE), "--tokenizer", str(tok), "--out", o, "--val-fraction", "1"], "--val-fraction"),
-        (["prepare", str(SAMPLE), "--tokenizer", str(tok), "--out", str(b / "afile" / "sub")], "afile"),
+        (
+            ["prepare", str(SAMPLE), "--tokenizer", str(b / "corrupt_tok"), "--out", o],
+            "tokenizer.json",
+        ),
+        (
+            ["prepare", str(SAMPLE), "--tokenizer", str(tok), "--out", o, "--val-fraction", "0"],
+            "--val-fraction",
+        ),
+        (
+            ["prepare", str(SAMPLE), "--tokenizer", str(tok), "--out", o, "--val-fraction", "1"],
+            "--val-fraction",
+        ),
+        (
+            ["prepare", str(SAMPLE), "--tokenizer", str(tok), "--out", str(b / "afile" / "sub")],
+            "afile",
+        ),
         (["prepare", str(b / "bin.txt"), "--tokenizer", str(tok), "--out", o], "bin.txt"),
         (t(**{"train.bogus": 1}), "train.bogus"),
         (t(**{"model.bogus": 1}), "model.bogus"),
@@ -278,8 +347,14 @@ def _cases(e):
         (["sample", "--ckpt", str(ck), "--temperature", "-1"], "--temperature"),
         (["eval", "--ckpt", str(b / "trunc_ck"), "--probes"], "model.safetensors"),
         (["eval", "--ckpt", str(ck), "--text", str(b / "missing.txt")], "missing.txt"),
-        (["eval", "--ckpt", str(ck), "--tokens", str(e["base"] / "wrong_dtype" / "val.npy")], "val.npy"),
-        (["eval", "--ckpt", str(ck), "--text", str(SAMPLE / "history.txt"), "--stride", "0"], "--stride"),
+        (
+            ["eval", "--ckpt", str(ck), "--tokens", str(e["base"] / "wrong_dtype" / "val.npy")],
+            "val.npy",
+        ),
+        (
+            ["eval", "--ckpt", str(ck), "--text", str(SAMPLE / "history.txt"), "--stride", "0"],
+            "--stride",
+        ),
         (["eval", "--ckpt", str(ck)], "--text"),
         (["export", "--ckpt", str(b / "trunc_ck"), "--out", o], "model.safetensors"),
         (["export", "--ckpt", str(ck), "--out", str(b / "run")], "--force"),
@@ -289,7 +364,11 @@ def _cases(e):
 
 
 def _snapshot(base: Path) -> dict:
-    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in base.rglob("*") if p.is_file() and ".lock" not in p.name}
+    return {
+        str(p): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in base.rglob("*")
+        if p.is_file() and ".lock" not in p.name
+    }
 
 
 def test_every_subcommand_rejects_bad_input_cleanly(env):

@@ -8,7 +8,14 @@ import unicodedata
 import ftfy.bad_codecs  # noqa: F401  (registers the sloppy-windows-* codecs)
 import pytest
 
-from azgpt.text import AZ_ALPHABET, AZ_LOWER, AZ_UPPER, CleanOptions, clean_document, language_verdict
+from azgpt.text import (
+    AZ_ALPHABET,
+    AZ_LOWER,
+    AZ_UPPER,
+    CleanOptions,
+    clean_document,
+    language_verdict,
+)
 
 # One line holding every Azerbaijani-specific letter in both cases, curly quotes, an em dash and
 # an emoji (a 4-byte UTF-8 sequence).
@@ -168,7 +175,15 @@ def test_genuine_cyrillic_word_left_alone_without_transliteration():
         "Азәрбајҹан Республикасы",
         "Гарабағ, Дағлар",
     ],
-    ids=["ru-baku", "ru-moskva", "az-uca-daglar", "ru-rossiya", "ru-sergey", "az-respublika", "az-qarabag"],
+    ids=[
+        "ru-baku",
+        "ru-moskva",
+        "az-uca-daglar",
+        "ru-rossiya",
+        "ru-sergey",
+        "az-respublika",
+        "az-qarabag",
+    ],
 )
 def test_cyrillic_text_is_not_taken_for_mojibake(text):
     # Correct Cyrillic text must come back unchanged (the language filter, not the repairs,

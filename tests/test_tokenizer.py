@@ -8,6 +8,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+from conftest import TOKENIZER_VOCAB
 from tokenizers import Tokenizer
 
 from azgpt.errors import UserError
@@ -29,8 +30,6 @@ from azgpt.tokenizer import (
     token_bytes,
     train_tokenizer,
 )
-
-from conftest import TOKENIZER_VOCAB
 
 ROUND_TRIP = {
     "empty": "",
@@ -117,15 +116,25 @@ def test_every_byte_is_a_token(tok):
 
 def test_saved_file_loads_with_tokenizers(tok, tokenizer_file, sample_docs):
     raw = Tokenizer.from_file(str(tokenizer_file))
-    for doc in sample_docs[:50] + list(ROUND_TRIP.values()):
+    plain = [v for k, v in ROUND_TRIP.items() if k != "special-text"]
+    for doc in sample_docs[:50] + plain:
         assert raw.encode(doc, add_special_tokens=False).ids == encode(tok, doc)
+
+
+def test_special_token_text_inside_a_document_is_plain_text(tok):
+    # A plain tokenizers load maps the string to the special id; azgpt never does: only azgpt
+    # inserts <|endoftext|> ids, so a document cannot fake a document boundary.
+    ids = encode(tok, ROUND_TRIP["special-text"])
+    assert tok.token_to_id(EOT) not in ids and tok.token_to_id("<|pad|>") not in ids
+    assert decode(tok, ids) == ROUND_TRIP["special-text"]
 
 
 def test_saved_file_loads_with_transformers(tok, tokenizer_file, sample_docs):
     transformers = pytest.importorskip("transformers")
     fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))
     assert len(fast) == tok.get_vocab_size()
-    for doc in sample_docs[:50] + list(ROUND_TRIP.values()):
+    plain = [v for k, v in ROUND_TRIP.items() if k != "special-text"]
+    for doc in sample_docs[:50] + plain:
         ids = fast(doc, add_special_tokens=False)["input_ids"]
         assert ids == encode(tok, doc)
         assert fast.decode(ids, clean_up_tokenization_spaces=False) == decode(tok, ids)
@@ -172,7 +181,11 @@ def test_each_pretokenizer_round_trips_and_matches_tiktoken(pretokenizer, sample
     tok = train_tokenizer(sample_docs, vocab_size=400, pretokenizer=pretokenizer)
     path = save_tokenizer(tok, tmp_path)
     tok = load_tokenizer(path)
-    texts = sample_docs[:40] + [ROUND_TRIP["sentence"], ROUND_TRIP["mixed-ws"], ROUND_TRIP["digits"]]
+    texts = sample_docs[:40] + [
+        ROUND_TRIP["sentence"],
+        ROUND_TRIP["mixed-ws"],
+        ROUND_TRIP["digits"],
+    ]
     for t in texts:
         assert decode(tok, encode(tok, t)) == t
     pytest.importorskip("tiktoken")

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from trainkit import ROOT, azgpt, losses, make_data, tiny_config, tiny_overrides
 
 from azgpt.errors import UserError
 from azgpt.train import train
-from trainkit import ROOT, azgpt, losses, make_data, tiny_config, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,13 @@ def test_train_writes_checkpoints_metrics_and_plot(data, tmp_path):
     run = tmp_path / "run"
     assert res.ok and res.step == 12
     assert os.readlink(run / "last") == "step-000012"
-    for f in ("model.safetensors", "config.json", "meta.json", "optimizer.safetensors", "trainer_state.json"):
+    for f in (
+        "model.safetensors",
+        "config.json",
+        "meta.json",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ):
         assert (run / "last" / f).is_file()
     meta = json.loads((run / "last" / "meta.json").read_text())
     assert meta["step"] == 12 and meta["tokens_seen"] == 12 * 4 * 32
@@ -37,7 +43,11 @@ def test_train_writes_checkpoints_metrics_and_plot(data, tmp_path):
     assert (run / "best").exists() and (run / "loss.png").stat().st_size > 1000
     ls = losses(run)
     assert sorted(ls) == list(range(1, 13)) and ls[12] < ls[1]
-    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    evals = [
+        json.loads(line)
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if '"eval"' in line
+    ]
     assert [e["step"] for e in evals] == [4, 8, 12]
     assert all(e["val_bpb"] > 0 and e["val_ppl"] > 1 for e in evals)
 
@@ -58,13 +68,33 @@ def test_two_process_cpu_run_matches_one_process(data, tmp_path):
     tok, d = data
     one = tmp_path / "one"
     two = tmp_path / "two"
-    r1 = azgpt("train", "--config", str(ROOT / "configs/tiny.toml"), *tiny_overrides(tok, d, one, **{"train.batch_size": 4, "train.max_iters": 6}))
+    r1 = azgpt(
+        "train",
+        "--config",
+        str(ROOT / "configs/tiny.toml"),
+        *tiny_overrides(tok, d, one, **{"train.batch_size": 4, "train.max_iters": 6}),
+    )
     assert r1.returncode == 0, r1.stderr[-2000:]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r2 = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "azgpt", "train",
-         "--config", str(ROOT / "configs/tiny.toml"), *tiny_overrides(tok, d, two, **{"train.batch_size": 2, "train.max_iters": 6})],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "azgpt",
+            "train",
+            "--config",
+            str(ROOT / "configs/tiny.toml"),
+            *tiny_overrides(tok, d, two, **{"train.batch_size": 2, "train.max_iters": 6}),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "2 process(es)" in r2.stdout
@@ -173,7 +203,9 @@ def test_bad_training_inputs_give_one_clear_sentence(data, tmp_path):
     # another tokenizer
     other = tmp_path / "other_tok"
     shutil.copytree(tok, other)
-    (other / "tokenizer.json").write_text((tok / "tokenizer.json").read_text().replace('"<|pad|>"', '"<|pad2|>"', 1))
+    (other / "tokenizer.json").write_text(
+        (tok / "tokenizer.json").read_text().replace('"<|pad|>"', '"<|pad2|>"', 1)
+    )
     assert "sha256" in _err(run("e", **{"data.tokenizer": str(other)}))
     # unknown key, wrong type
     assert "train.bogus" in _err(azgpt("train", "--config", cfg, "--train.bogus=1"))
@@ -184,8 +216,13 @@ def test_bad_training_inputs_give_one_clear_sentence(data, tmp_path):
 def test_resume_with_another_model_shape_is_refused(data, tmp_path):
     tok, d = data
     train(tiny_config(tok, d, tmp_path / "r", **{"train.max_iters": 4}))
-    r = azgpt("train", "--config", str(ROOT / "configs/tiny.toml"), "--resume",
-              *tiny_overrides(tok, d, tmp_path / "r", **{"model.n_embd": 64}))
+    r = azgpt(
+        "train",
+        "--config",
+        str(ROOT / "configs/tiny.toml"),
+        "--resume",
+        *tiny_overrides(tok, d, tmp_path / "r", **{"model.n_embd": 64}),
+    )
     assert "another shape" in _err(r)
 
 
@@ -194,18 +231,48 @@ def test_corrupt_checkpoint_on_resume_and_sample(data, tmp_path):
     train(tiny_config(tok, d, tmp_path / "r", **{"train.max_iters": 4}))
     f = tmp_path / "r" / "last" / "model.safetensors"
     f.write_bytes(f.read_bytes()[:50])
-    assert "corrupt" in _err(azgpt("sample", "--ckpt", str(tmp_path / "r" / "last"), "--prompt", "Bakı"))
-    r = azgpt("train", "--config", str(ROOT / "configs/tiny.toml"), "--resume", *tiny_overrides(tok, d, tmp_path / "r", **{"train.max_iters": 8}))
+    assert "corrupt" in _err(
+        azgpt("sample", "--ckpt", str(tmp_path / "r" / "last"), "--prompt", "Bakı")
+    )
+    r = azgpt(
+        "train",
+        "--config",
+        str(ROOT / "configs/tiny.toml"),
+        "--resume",
+        *tiny_overrides(tok, d, tmp_path / "r", **{"train.max_iters": 8}),
+    )
     assert "corrupt" in _err(r)
 
 
 def test_sample_streams_text(data, tmp_path):
     tok, d = data
     train(tiny_config(tok, d, tmp_path / "r", **{"train.max_iters": 4}))
-    r = azgpt("sample", "--ckpt", str(tmp_path / "r" / "last"), "--prompt", "Azərbaycanın paytaxtı",
-              "--max-new-tokens", "8", "--num-samples", "2", "--seed", "3")
+    r = azgpt(
+        "sample",
+        "--ckpt",
+        str(tmp_path / "r" / "last"),
+        "--prompt",
+        "Azərbaycanın paytaxtı",
+        "--max-new-tokens",
+        "8",
+        "--num-samples",
+        "2",
+        "--seed",
+        "3",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("Azərbaycanın paytaxtı") == 2 and "--- sample 2 ---" in r.stdout
-    r2 = azgpt("sample", "--ckpt", str(tmp_path / "r" / "last"), "--prompt", "Azərbaycanın paytaxtı",
-               "--max-new-tokens", "8", "--num-samples", "2", "--seed", "3")
+    r2 = azgpt(
+        "sample",
+        "--ckpt",
+        str(tmp_path / "r" / "last"),
+        "--prompt",
+        "Azərbaycanın paytaxtı",
+        "--max-new-tokens",
+        "8",
+        "--num-samples",
+        "2",
+        "--seed",
+        "3",
+    )
     assert r2.stdout == r.stdout
