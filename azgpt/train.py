@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -407,6 +408,66 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
             optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
+    def flush() -> bool:
+        """Read back, check and log the buffered step losses; False when training must stop."""
+        nonlocal buf_steps, t_last, tokens_at_last, last_loss
+        n = len(buf_steps)
+        if n == 0:
+            return True
+        losses = accelerator.reduce(loss_buf[:n].clone(), reduction="mean").tolist()
+        bad = [s for s, v in zip(buf_steps, losses) if not math.isfinite(v)]
+        if bad and tc.nan_policy == "skip":
+            for s in bad:
+                log({"event": "skipped_step", "step": s + 1})
+            pbar.write(
+                f"skipped {len(bad)} update(s) with a non-finite loss (first at step {bad[0] + 1})"
+            )
+        elif bad:
+            last_ck = latest_checkpoint(out_dir)
+            if main:
+                print(
+                    f"azgpt: error: the loss became {losses[buf_steps.index(bad[0])]} at step {bad[0] + 1}; "
+                    f"training stopped, the last good checkpoint is {last_ck or 'none (none was written yet)'}. "
+                    "Lower train.lr or use train.mixed_precision=bf16.",
+                    file=sys.stderr,
+                )
+            log({"event": "nonfinite_loss", "step": bad[0] + 1})
+            return False
+        now_t = time.perf_counter()
+        tps = (tokens_seen - tokens_at_last) / max(now_t - t_last, 1e-9)
+        t_last, tokens_at_last = now_t, tokens_seen
+        mfu = flops_per_token * tps / peak if peak else None
+        last = buf_steps[-1]
+        for s, v in zip(buf_steps, losses):
+            row = {
+                "step": s + 1,
+                "tokens": tokens_seen - (last - s) * tokens_per_step,
+                "loss": v,
+                "lr": lr_at(
+                    s,
+                    lr=tc.lr,
+                    min_lr=tc.min_lr,
+                    warmup_iters=tc.warmup_iters,
+                    max_iters=tc.max_iters,
+                ),
+                "tok_per_s": tps,
+            }
+            if mfu is not None:
+                row["mfu"] = mfu
+            log(row)
+        last_loss = losses[-1]
+        post = {"loss": f"{last_loss:.4f}", "lr": f"{row['lr']:.2e}", "tok/s": f"{tps:,.0f}"}
+        if mfu is not None:
+            post["mfu"] = f"{100 * mfu:.1f}%"
+        pbar.set_postfix(post, refresh=False)
+        pbar.update(n)
+        if tc.tensorboard:
+            accelerator.log(
+                {"train_loss": last_loss, "lr": row["lr"], "tokens_per_s": tps}, step=last + 1
+            )
+        buf_steps = []
+        return True
+
     end = min(tc.max_iters, tc.stop_at) if tc.stop_at else tc.max_iters
     while step < end:
         lr = lr_at(
@@ -437,84 +498,22 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
         loss_buf[len(buf_steps)] = step_loss
         buf_steps.append(step)
         step += 1
-        if len(buf_steps) == tc.log_interval or step == end:
-            losses = accelerator.reduce(
-                loss_buf[: len(buf_steps)].clone(), reduction="mean"
-            ).tolist()  # one sync
-            bad = [s for s, v in zip(buf_steps, losses) if not math.isfinite(v)]
-            if bad and tc.nan_policy == "skip":
-                for s in bad:
-                    log({"event": "skipped_step", "step": s + 1})
-                pbar.write(
-                    f"skipped {len(bad)} update(s) with a non-finite loss (first at step {bad[0] + 1})"
-                )
-                bad = []
-            if bad:
-                last_ck = latest_checkpoint(out_dir)
-                accelerator.print(
-                    f"azgpt: error: the loss became {losses[buf_steps.index(bad[0])]} at step {bad[0] + 1}; "
-                    f"training stopped, the last good checkpoint is {last_ck or 'none (no checkpoint was written yet)'}. "
-                    "Lower train.lr or use train.mixed_precision=bf16."
-                )
-                log({"event": "nonfinite_loss", "step": bad[0] + 1})
+        at_eval = step % tc.eval_interval == 0 or step == end
+        # Losses stay on the device until here: one host sync per log interval, and always
+        # before an evaluation, so no unchecked step ever goes into a checkpoint.
+        if len(buf_steps) == tc.log_interval or at_eval:
+            if not flush():
                 ok = False
                 break
-            now_t = time.perf_counter()
-            dt = max(now_t - t_last, 1e-9)
-            tps = (tokens_seen - tokens_at_last) / dt
-            t_last, tokens_at_last = now_t, tokens_seen
-            last_loss = losses[-1]
-            row = {
-                "step": step,
-                "tokens": tokens_seen,
-                "loss": last_loss,
-                "lr": lr,
-                "tok_per_s": tps,
-            }
-            for s, v in zip(buf_steps, losses):
-                log(
-                    {
-                        "step": s + 1,
-                        "tokens": tokens_seen - (step - s - 1) * tokens_per_step,
-                        "loss": v,
-                        "lr": lr_at(
-                            s,
-                            lr=tc.lr,
-                            min_lr=tc.min_lr,
-                            warmup_iters=tc.warmup_iters,
-                            max_iters=tc.max_iters,
-                        ),
-                        "tok_per_s": tps,
-                    }
-                )
-            post = {"loss": f"{last_loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tps:,.0f}"}
-            if peak:
-                row["mfu"] = flops_per_token * tps / peak
-                post["mfu"] = f"{100 * row['mfu']:.1f}%"
-            pbar.set_postfix(post, refresh=False)
-            pbar.update(len(buf_steps))
-            buf_steps = []
-        if step % tc.eval_interval == 0 or step == end:
-            if buf_steps and tc.nan_policy == "stop":  # no unchecked step goes into a checkpoint
-                continue_check = accelerator.reduce(
-                    loss_buf[: len(buf_steps)].clone(), reduction="mean"
-                ).tolist()
-                if not all(math.isfinite(v) for v in continue_check):
-                    bad_step = (
-                        buf_steps[[math.isfinite(v) for v in continue_check].index(False)] + 1
-                    )
-                    accelerator.print(
-                        f"azgpt: error: the loss became non-finite at step {bad_step}; training stopped."
-                    )
-                    ok = False
-                    break
+        if at_eval:
             ev = evaluate() if eval_enabled else None
             last_eval = ev
             if ev:
                 log({"event": "eval", "step": step, "tokens": tokens_seen, **ev})
                 text = sample_line()
                 msg = f"step {step}: val loss {ev['val_loss']:.4f}, ppl {ev['val_ppl']:.2f}, bpb {ev['val_bpb']:.4f}"
-                pbar.write(msg) if main else None
+                if main:  # tqdm.write prints even where the bar is disabled
+                    pbar.write(msg)
                 if text:
                     pbar.write(f"  sample: {text!r}")
                     log({"event": "sample", "step": step, "text": text})
