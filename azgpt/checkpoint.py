@@ -73,7 +73,8 @@ def load_model(ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     cfg_d = read_json(folder / "config.json", fix)
     try:
         cfg = GPTConfig(**cfg_d)
-    except TypeError:
+        cfg.validate()
+    except (TypeError, ValueError):
         raise UserError(
             f"{folder / 'config.json'} does not describe an azgpt model; {fix}"
         ) from None
@@ -83,15 +84,20 @@ def load_model(ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     return model.to(device), meta
 
 
-def load_weights(model: GPT, path: Path) -> None:
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file (never pickle); a missing, truncated or corrupt file is a UserError."""
     if not path.is_file():
         raise UserError(f"{path} is missing; the checkpoint is incomplete, use another one.")
     try:
-        sd = load_file(str(path))
+        return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(
             f"{path} is truncated or corrupt ({str(e).splitlines()[0][:80]}); use another checkpoint."
         ) from None
+
+
+def load_weights(model: GPT, path: Path) -> None:
+    sd = load_tensors(path)
     own = {k: v for k, v in model.state_dict().items() if k != TIED}
     missing = sorted(set(own) - set(sd))
     extra = sorted(set(sd) - set(own))
@@ -293,14 +299,7 @@ def read_trainer_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     info = read_json(
         folder / "trainer_state.json", "the checkpoint is incomplete; use another one."
     )
-    path = folder / "optimizer.safetensors"
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(
-            f"{path} is truncated or corrupt ({str(e)[:80]}); use another checkpoint."
-        ) from None
-    return info, tensors
+    return info, load_tensors(folder / "optimizer.safetensors")
 
 
 def now() -> str:

@@ -34,6 +34,9 @@ class ModelConfig:
     bias: bool = True
     """Biases in Linear and LayerNorm layers (GPT-2 style)."""
 
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
     def validate(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             v = getattr(self, name)

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import __version__
 from .corpus import discover, file_sha256, iter_corpus, ordered_map, worker_context
-from .errors import UserError, fsync_dir
+from .errors import UserError, fsync_dir, remove_if_left_empty
 from .tokenizer import eot_id, load_tokenizer, nfc, sha256_file, tiktoken_encoding, tokenizer_path
 
 NPY_HEADER_BYTES = 128
@@ -166,173 +166,141 @@ def run_prepare(
             f"tokenizer {tok_path} has {vocab} ids, which do not fit uint16 token files; retrain it with --vocab-size 65536 or less."
         )
     out_dir = Path(out)
-    created = not out_dir.exists()
-    try:
-        return _prepare(
-            files,
-            tok_path,
-            tok,
-            vocab,
-            out_dir,
-            val_fraction,
-            seed,
-            text_field,
-            workers,
-            backend,
-            batch_bytes,
-            inputs,
-        )
-    except BaseException:
-        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()  # leave nothing behind when the run failed before writing anything
-        raise
-
-
-def _prepare(
-    files,
-    tok_path,
-    tok,
-    vocab,
-    out_dir,
-    val_fraction,
-    seed,
-    text_field,
-    workers,
-    backend,
-    batch_bytes,
-    inputs,
-):
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(
-            f"cannot write to output folder {out_dir} ({e.strerror}); choose a writable --out."
-        ) from None
-    for stale in out_dir.glob(".*.npy.*.tmp"):
-        stale.unlink(missing_ok=True)
-
-    stats: Counter = Counter()
-    workers = workers or (os.cpu_count() or 1)
-    if backend == "auto":
-        sample = []
-        for d in iter_corpus(files[:1], Counter(), text_field):
-            sample.append(d)
-            if len(sample) >= 200:
-                break
-        backend = choose_backend(tok_path, sample)
-
-    t0 = time.perf_counter()
-    tmp = {s: out_dir / f".{s}.npy.{os.getpid()}.tmp" for s in ("train", "val")}
-    writers = {s: NpyWriter(p) for s, p in tmp.items()}
-    n_docs = {"train": 0, "val": 0}
-    bytes_in = 0
-    last_train_len = 0
-    try:
-
-        def jobs():
-            nonlocal bytes_in
-            idx = 0
-            batch: list[str] = []
-            size = 0
-            for d in iter_corpus(files, stats, text_field):
-                if not d.strip():
-                    continue
-                batch.append(d)
-                size += len(d)
-                bytes_in += len(d.encode("utf-8"))
-                if size >= batch_bytes:
-                    yield (idx, batch, seed, val_fraction)
-                    idx += len(batch)
-                    batch, size = [], 0
-            if batch:
-                yield (idx, batch, seed, val_fraction)
-
-        if workers > 1:
-            pool = ProcessPoolExecutor(
-                workers,
-                mp_context=worker_context(),
-                initializer=_init_worker,
-                initargs=(str(tok_path), backend),
-            )
-        else:
-            pool = None
-            _init_worker(str(tok_path), backend)
+    with remove_if_left_empty(out_dir):
         try:
-            for tr, va, ntr, nva, ltl in ordered_map(
-                _encode_batch, jobs(), pool, window=2 * workers
-            ):
-                writers["train"].write(np.frombuffer(tr, dtype=np.uint16))
-                writers["val"].write(np.frombuffer(va, dtype=np.uint16))
-                n_docs["train"] += ntr
-                n_docs["val"] += nva
-                if ntr:
-                    last_train_len = ltl
+            out_dir.mkdir(parents=True, exist_ok=True)
+            probe = out_dir / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(
+                f"cannot write to output folder {out_dir} ({e.strerror}); choose a writable --out."
+            ) from None
+        for stale in out_dir.glob(".*.npy.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+        stats: Counter = Counter()
+        workers = workers or (os.cpu_count() or 1)
+        if backend == "auto":
+            sample = []
+            for d in iter_corpus(files[:1], Counter(), text_field):
+                sample.append(d)
+                if len(sample) >= 200:
+                    break
+            backend = choose_backend(tok_path, sample)
+
+        t0 = time.perf_counter()
+        tmp = {s: out_dir / f".{s}.npy.{os.getpid()}.tmp" for s in ("train", "val")}
+        writers = {s: NpyWriter(p) for s, p in tmp.items()}
+        n_docs = {"train": 0, "val": 0}
+        bytes_in = 0
+        last_train_len = 0
+        try:
+
+            def jobs():
+                nonlocal bytes_in
+                idx = 0
+                batch: list[str] = []
+                size = 0
+                for d in iter_corpus(files, stats, text_field):
+                    if not d.strip():
+                        continue
+                    batch.append(d)
+                    size += len(d)
+                    bytes_in += len(d.encode("utf-8"))
+                    if size >= batch_bytes:
+                        yield (idx, batch, seed, val_fraction)
+                        idx += len(batch)
+                        batch, size = [], 0
+                if batch:
+                    yield (idx, batch, seed, val_fraction)
+
+            if workers > 1:
+                pool = ProcessPoolExecutor(
+                    workers,
+                    mp_context=worker_context(),
+                    initializer=_init_worker,
+                    initargs=(str(tok_path), backend),
+                )
+            else:
+                pool = None
+                _init_worker(str(tok_path), backend)
+            try:
+                for tr, va, ntr, nva, ltl in ordered_map(
+                    _encode_batch, jobs(), pool, window=2 * workers
+                ):
+                    writers["train"].write(np.frombuffer(tr, dtype=np.uint16))
+                    writers["val"].write(np.frombuffer(va, dtype=np.uint16))
+                    n_docs["train"] += ntr
+                    n_docs["val"] += nva
+                    if ntr:
+                        last_train_len = ltl
+            finally:
+                if pool is not None:
+                    pool.shutdown(cancel_futures=True)
+            if n_docs["train"] + n_docs["val"] == 0:
+                raise UserError(
+                    f"no documents found in {', '.join(map(str, inputs))}; give files that hold text."
+                )
+            if n_docs["val"] == 0:
+                # Too few documents for the fraction: move the last train document to val.
+                writers["val"].write(writers["train"].truncate_last(last_train_len))
+                n_docs["train"] -= 1
+                n_docs["val"] += 1
+            if n_docs["train"] == 0:
+                raise UserError(
+                    f"only {n_docs['val']} document(s) in the input: at least two are needed for a train/val split."
+                )
+            for w in writers.values():
+                w.close()
+            tok_sha = sha256_file(tok_path)
+            max_ids = {}
+            for s in ("train", "val"):
+                arr = np.load(tmp[s], mmap_mode="r")
+                max_ids[s] = int(_chunked_max(arr))
+            manifest = {
+                "azgpt_version": __version__,
+                "tokenizer": {"path": str(tok_path), "sha256": tok_sha, "vocab_size": vocab},
+                "encoder_backend": backend,
+                "split": {"seed": seed, "val_fraction": val_fraction},
+                "train": {
+                    "tokens": writers["train"].n,
+                    "documents": n_docs["train"],
+                    "max_token_id": max_ids["train"],
+                },
+                "val": {
+                    "tokens": writers["val"].n,
+                    "documents": n_docs["val"],
+                    "max_token_id": max_ids["val"],
+                },
+                "inputs": [
+                    {"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)}
+                    for p in files
+                ],
+                "input_problems": dict(stats),
+                "eot_id": eot_id(tok),
+            }
+            # Old manifest goes first: token files without a manifest are never taken as complete.
+            (out_dir / MANIFEST).unlink(missing_ok=True)
+            for s in ("train", "val"):
+                os.replace(tmp[s], out_dir / f"{s}.npy")
+            mtmp = out_dir / f".{MANIFEST}.{os.getpid()}.tmp"
+            mtmp.write_text(
+                json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+            )
+            os.replace(mtmp, out_dir / MANIFEST)
+            fsync_dir(out_dir)
+        except OSError as e:
+            raise UserError(
+                f"cannot write token files in {out_dir} ({e.strerror}); free space or choose another --out."
+            ) from None
         finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
-        if n_docs["train"] + n_docs["val"] == 0:
-            raise UserError(
-                f"no documents found in {', '.join(map(str, inputs))}; give files that hold text."
-            )
-        if n_docs["val"] == 0:
-            # Too few documents for the fraction: move the last train document to val.
-            writers["val"].write(writers["train"].truncate_last(last_train_len))
-            n_docs["train"] -= 1
-            n_docs["val"] += 1
-        if n_docs["train"] == 0:
-            raise UserError(
-                f"only {n_docs['val']} document(s) in the input: at least two are needed for a train/val split."
-            )
-        for w in writers.values():
-            w.close()
-        tok_sha = sha256_file(tok_path)
-        max_ids = {}
-        for s in ("train", "val"):
-            arr = np.load(tmp[s], mmap_mode="r")
-            max_ids[s] = int(_chunked_max(arr))
-        manifest = {
-            "azgpt_version": __version__,
-            "tokenizer": {"path": str(tok_path), "sha256": tok_sha, "vocab_size": vocab},
-            "encoder_backend": backend,
-            "split": {"seed": seed, "val_fraction": val_fraction},
-            "train": {
-                "tokens": writers["train"].n,
-                "documents": n_docs["train"],
-                "max_token_id": max_ids["train"],
-            },
-            "val": {
-                "tokens": writers["val"].n,
-                "documents": n_docs["val"],
-                "max_token_id": max_ids["val"],
-            },
-            "inputs": [
-                {"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files
-            ],
-            "input_problems": dict(stats),
-            "eot_id": eot_id(tok),
-        }
-        # Old manifest goes first: token files without a manifest are never taken as complete.
-        (out_dir / MANIFEST).unlink(missing_ok=True)
-        for s in ("train", "val"):
-            os.replace(tmp[s], out_dir / f"{s}.npy")
-        mtmp = out_dir / f".{MANIFEST}.{os.getpid()}.tmp"
-        mtmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(mtmp, out_dir / MANIFEST)
-        fsync_dir(out_dir)
-    except OSError as e:
-        raise UserError(
-            f"cannot write token files in {out_dir} ({e.strerror}); free space or choose another --out."
-        ) from None
-    finally:
-        for w in writers.values():
-            if not w.f.closed:
-                w.f.close()
-        for p in tmp.values():
-            p.unlink(missing_ok=True)
-    return PrepareResult(manifest, time.perf_counter() - t0, bytes_in)
+            for w in writers.values():
+                if not w.f.closed:
+                    w.f.close()
+            for p in tmp.values():
+                p.unlink(missing_ok=True)
+        return PrepareResult(manifest, time.perf_counter() - t0, bytes_in)
 
 
 def _chunked_max(arr: np.ndarray, chunk: int = 1 << 24) -> int:

@@ -69,3 +69,15 @@ def fsync_dir(path: str | Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextmanager
+def remove_if_left_empty(folder: Path):
+    """On failure, remove `folder` if this block created it and left it empty."""
+    created = not folder.exists()
+    try:
+        yield
+    except BaseException:
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise

@@ -9,25 +9,14 @@ Token + learned position embeddings, pre-LayerNorm blocks of causal self-attenti
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from .config import ModelConfig as GPTConfig  # the model section of a run file
 
-@dataclass
-class GPTConfig:
-    vocab_size: int = 32000
-    block_size: int = 512
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    bias: bool = True
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+__all__ = ["GPT", "GPTConfig", "sample_next"]
 
 
 class CausalSelfAttention(nn.Module):

@@ -7,6 +7,7 @@ and every evaluation writes a checkpoint, so `--resume` continues exactly where 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from .checkpoint import (
 from .config import RunConfig
 from .data import TokenData
 from .errors import UserError
-from .model import GPT, GPTConfig
+from .model import GPT
 from .optim import lr_at, make_optimizer
 
 # Dense bf16 tensor-core peaks (FLOP/s) from vendor data sheets, for MFU in the progress bar.
@@ -99,7 +100,7 @@ def _want_compile(cfg: RunConfig, device_type: str) -> str | None:
 
 def check_resume_shape(ckpt: Path, cfg: RunConfig) -> dict:
     saved = read_json(ckpt / "config.json", "the checkpoint is incomplete; use another one.")
-    want = GPTConfig(**{k: getattr(cfg.model, k) for k in GPTConfig.__dataclass_fields__}).to_dict()
+    want = cfg.model.to_dict()
     diff = {k: (saved.get(k), v) for k, v in want.items() if k != "dropout" and saved.get(k) != v}
     if diff:
         desc = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
@@ -188,7 +189,7 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
         check_resume_shape(ckpt, cfg)
 
     set_seed(tc.seed)
-    gcfg = GPTConfig(**{k: getattr(mc, k) for k in GPTConfig.__dataclass_fields__})
+    gcfg = dataclasses.replace(mc)
     model = GPT(gcfg)
     n_params = model.num_params()
     optimizer = make_optimizer(

@@ -132,7 +132,7 @@ def main() -> None:
     import torch
 
     from azgpt.config import load_config
-    from azgpt.model import GPT, GPTConfig
+    from azgpt.model import GPT
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     card = (
@@ -160,7 +160,7 @@ def main() -> None:
         cfg, rows, wall, mem = run_shape(
             a.config, tok, data, work / f"run_{shape}", batch, block, a.steps, a.compile
         )
-        gcfg = GPTConfig(**{k: getattr(cfg.model, k) for k in GPTConfig.__dataclass_fields__})
+        gcfg = cfg.model
         with torch.device("meta"):  # shapes only, no memory
             fpt = GPT(gcfg).flops_per_token()
         tps_rows = [r["tok_per_s"] for r in rows[len(rows) // 2 :]]  # steady state: second half

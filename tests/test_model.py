@@ -89,7 +89,7 @@ def test_top_k_and_top_p_filtering():
 
 def test_gpt100m_config_has_about_110m_parameters():
     cfg = load_config("configs/gpt100m.toml")
-    m = GPT(GPTConfig(**{k: getattr(cfg.model, k) for k in GPTConfig.__dataclass_fields__}))
+    m = GPT(cfg.model)
     n = m.num_params()
     print(f"gpt100m parameters: {n:,}")
     assert 105_000_000 < n < 115_000_000

@@ -114,10 +114,10 @@ def test_refuses_to_overwrite_a_run_without_resume(data, tmp_path):
         train(tiny_config(tok, d, tmp_path / "r", **{"train.max_iters": 4}))
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypatch):
+def inject_nan(monkeypatch, bad_call):
+    """Make the training loss NaN on the forward passes for which bad_call(n) is true."""
     from azgpt import model as model_mod
 
-    tok, d = data
     orig = model_mod.GPT.forward
     calls = {"n": 0}
 
@@ -125,11 +125,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypat
         logits, loss = orig(self, idx, targets, **kw)
         if targets is not None and self.training:
             calls["n"] += 1
-            if calls["n"] >= 6:
+            if bad_call(calls["n"]):
                 loss = loss * float("nan")
         return logits, loss
 
     monkeypatch.setattr(model_mod.GPT, "forward", forward)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypatch, capsys):
+    tok, d = data
+    inject_nan(monkeypatch, lambda n: n >= 6)
     run = tmp_path / "nan"
     res = train(tiny_config(tok, d, run))
     assert not res.ok and res.step == 6
@@ -138,24 +143,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypat
     assert all(torch.isfinite(v).all() for v in w.values())
     events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"event": "nonfinite_loss", "step": 6} in events
+    assert "at step 6" in capsys.readouterr().err
 
 
 def test_nan_skip_policy_skips_the_update(data, tmp_path, monkeypatch):
-    from azgpt import model as model_mod
-
     tok, d = data
-    orig = model_mod.GPT.forward
-    calls = {"n": 0}
-
-    def forward(self, idx, targets=None, **kw):
-        logits, loss = orig(self, idx, targets, **kw)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if calls["n"] == 3:
-                loss = loss * float("nan")
-        return logits, loss
-
-    monkeypatch.setattr(model_mod.GPT, "forward", forward)
+    inject_nan(monkeypatch, lambda n: n == 3)
     run = tmp_path / "skip"
     res = train(tiny_config(tok, d, run, **{"train.nan_policy": "skip"}))
     assert res.ok and res.step == 12
