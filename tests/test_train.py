@@ -269,3 +269,22 @@ def test_sample_streams_text(data, tmp_path):
         "3",
     )
     assert r2.stdout == r.stdout
+
+
+def test_failed_compile_falls_back_to_eager_with_a_warning(data, tmp_path, monkeypatch):
+    tok, d = data
+
+    def broken_compile(model, **kw):
+        def run(*a, **k):
+            raise RuntimeError("Cannot find a working triton installation")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(UserWarning, match="torch.compile failed.*training uncompiled"):
+        res = train(
+            tiny_config(tok, d, tmp_path / "c", **{"train.compile": "on", "train.max_iters": 4})
+        )
+    assert res.ok and res.step == 4
+    train(tiny_config(tok, d, tmp_path / "plain", **{"train.max_iters": 4}))
+    assert losses(tmp_path / "c") == losses(tmp_path / "plain")
