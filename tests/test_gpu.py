@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from trainkit import losses, make_data, tiny_config
 
 from azgpt.train import train
-from trainkit import losses, make_data, tiny_config
 
 pytestmark = [
     pytest.mark.gpu,
