@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainkit import ROOT, azgpt, losses, make_data, tiny_config, tiny_overrides
+from trainkit import ROOT, azgpt, losses, make_data, tiny_config, tiny_overrides, train_cli
 
 from azgpt.errors import UserError
 from azgpt.train import train
@@ -209,13 +209,7 @@ def test_bad_training_inputs_give_one_clear_sentence(data, tmp_path):
 def test_resume_with_another_model_shape_is_refused(data, tmp_path):
     tok, d = data
     train(tiny_config(tok, d, tmp_path / "r", **{"train.max_iters": 4}))
-    r = azgpt(
-        "train",
-        "--config",
-        str(ROOT / "configs/tiny.toml"),
-        "--resume",
-        *tiny_overrides(tok, d, tmp_path / "r", **{"model.n_embd": 64}),
-    )
+    r = train_cli(tok, d, tmp_path / "r", "--resume", **{"model.n_embd": 64})
     assert "another shape" in _err(r)
 
 
@@ -227,13 +221,7 @@ def test_corrupt_checkpoint_on_resume_and_sample(data, tmp_path):
     assert "corrupt" in _err(
         azgpt("sample", "--ckpt", str(tmp_path / "r" / "last"), "--prompt", "Bakı")
     )
-    r = azgpt(
-        "train",
-        "--config",
-        str(ROOT / "configs/tiny.toml"),
-        "--resume",
-        *tiny_overrides(tok, d, tmp_path / "r", **{"train.max_iters": 8}),
-    )
+    r = train_cli(tok, d, tmp_path / "r", "--resume", **{"train.max_iters": 8})
     assert "corrupt" in _err(r)
 
 

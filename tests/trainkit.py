@@ -73,3 +73,14 @@ def azgpt(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess
         cwd=cwd,
         timeout=timeout,
     )
+
+
+def train_cli(tok: Path, data: Path, out: Path, *flags: str, **over) -> subprocess.CompletedProcess:
+    """`azgpt train` on configs/tiny.toml with the tiny overrides, in a subprocess."""
+    return azgpt(
+        "train",
+        "--config",
+        str(ROOT / "configs/tiny.toml"),
+        *flags,
+        *tiny_overrides(tok, data, out, **over),
+    )
