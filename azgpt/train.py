@@ -122,6 +122,15 @@ def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
         )
     device_type = "cuda" if want_cuda else "cpu"
     mp = _mixed_precision(cfg, device_type)
+    if tc.tensorboard:
+        import importlib.util
+
+        if not (
+            importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
+        ):
+            raise UserError(
+                "train.tensorboard=true needs TensorBoard; install it with `pip install azgpt[tensorboard]`."
+            )
     accelerator = Accelerator(
         gradient_accumulation_steps=tc.grad_accum,
         mixed_precision=mp,
@@ -256,6 +265,10 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
             f"mixed precision {mp}, compile {compile_mode or 'off'}; {tokens_per_step:,} tokens per step"
         )
     metrics_path = out_dir / "metrics.jsonl"
+    if tc.tensorboard:
+        # Event files under OUT_DIR/tensorboard; hyper-parameters as flat scalars.
+        flat = {f"{sec}.{k}": v for sec, t in cfg.to_dict().items() for k, v in t.items()}
+        accelerator.init_trackers("tensorboard", config=flat)
 
     def log(row: dict) -> None:
         if main:

@@ -276,3 +276,32 @@ def test_failed_compile_falls_back_to_eager_with_a_warning(data, tmp_path, monke
     assert res.ok and res.step == 4
     train(tiny_config(tok, d, tmp_path / "plain", **{"train.max_iters": 4}))
     assert losses(tmp_path / "c") == losses(tmp_path / "plain")
+
+
+def test_tensorboard_logging(data, tmp_path):
+    pytest.importorskip("tensorboard")  # the dev extra (`make test`) installs it
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tok, d = data
+    run = tmp_path / "tb"
+    assert train(tiny_config(tok, d, run, **{"train.tensorboard": True, "train.max_iters": 8})).ok
+    tags = set()
+    for f in (run / "tensorboard").rglob("events*"):
+        ea = EventAccumulator(str(f))
+        ea.Reload()
+        tags |= set(ea.Tags()["scalars"])
+    assert {"train_loss", "lr", "val_loss", "val_bpb"} <= tags
+
+
+def test_tensorboard_missing_is_a_clear_error(data, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda n, *a: None if "tensorboard" in n.lower() else real(n, *a),
+    )
+    tok, d = data
+    with pytest.raises(UserError, match=r"azgpt\[tensorboard\]"):
+        train(tiny_config(tok, d, tmp_path / "tb", **{"train.tensorboard": True}))
