@@ -140,11 +140,17 @@ def eval_tokens(model, tok, path: str, *, batch_size=8, device="cpu") -> dict:
         raise UserError(
             f"token file {path} holds ids at or above the model's vocab size {model.config.vocab_size}."
         )
+    from tqdm.auto import tqdm
+
     lens = token_byte_lengths(tok)
-    seqs = [arr[i : i + T + 1].astype(np.int64).tolist() for i in range(0, len(arr) - 1, T)]
-    nll, count = score_sequences(model, seqs, T, batch_size, device)
-    scored = arr[1 : 1 + count]
-    nbytes = int(lens[np.asarray(scored, dtype=np.int64)].sum())
+    starts = range(0, len(arr) - 1, T)  # consecutive windows of T targets, overlapping by one
+    nll, count, group = 0.0, 0, 64 * batch_size
+    with tqdm(total=len(starts), desc="eval", unit="win", leave=False) as bar:
+        for g in range(0, len(starts), group):  # a bounded number of windows in memory at a time
+            seqs = [arr[i : i + T + 1].astype(np.int64).tolist() for i in starts[g : g + group]]
+            a, b = score_sequences(model, seqs, T, batch_size, device, bar)
+            nll, count = nll + a, count + b
+    nbytes = int(lens[np.asarray(arr[1 : 1 + count], dtype=np.int64)].sum())
     docs = int((arr == tok.token_to_id(EOT)).sum())
     return _summary(nll, count, max(nbytes, 1), docs)
 

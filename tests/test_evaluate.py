@@ -90,3 +90,26 @@ def test_probes_cover_every_group():
         "az_vs_tr",
     }
     assert all(0 <= ans < len(c) for _, _, c, ans in PROBES)
+
+
+def test_eval_tokens_scores_every_token_after_the_first(tok, tmp_path):
+    import numpy as np
+
+    from azgpt.evaluate import eval_tokens
+    from azgpt.tokenizer import token_byte_lengths
+
+    m = model(block=16)
+    ids = [tok.token_to_id(EOT)] + encode(tok, " ".join(["Kür çayı Xəzərə tökülür."] * 8))
+    f = tmp_path / "t.npy"
+    np.save(f, np.array(ids, dtype=np.uint16))
+    res = eval_tokens(m, tok, str(f), batch_size=3)
+    nll = 0.0
+    with torch.no_grad():
+        for i in range(0, len(ids) - 1, 16):  # consecutive windows of 16 targets
+            w = ids[i : i + 17]
+            logits, _ = m(torch.tensor([w[:-1]]))
+            nll += F.cross_entropy(logits[0], torch.tensor(w[1:]), reduction="sum").item()
+    nbytes = int(token_byte_lengths(tok)[ids[1:]].sum())
+    assert res["tokens"] == len(ids) - 1 and res["bytes"] == nbytes and res["documents"] == 1
+    assert res["loss"] == pytest.approx(nll / (len(ids) - 1), rel=1e-5)
+    assert res["bpb"] == pytest.approx(nll / (math.log(2) * nbytes), rel=1e-5)
