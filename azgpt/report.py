@@ -41,10 +41,20 @@ def plot_losses(metrics: Path, out: Path) -> None:
         return
     plt = _figure()
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="train", lw=1)
+    xs, ys = [r["tokens"] for r in train], [r["loss"] for r in train]
+    ema, smooth = ys[0], []
+    for y in ys:  # exponential moving average over ~20 steps, for a readable trend
+        ema = 0.95 * ema + 0.05 * y
+        smooth.append(ema)
+    ax.plot(xs, ys, color="tab:blue", alpha=0.3, lw=0.8)
+    ax.plot(xs, smooth, color="tab:blue", lw=1.5, label="train (smoothed)")
     if evals:
         ax.plot(
-            [r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation"
+            [r["tokens"] for r in evals],
+            [r["val_loss"] for r in evals],
+            "o-",
+            color="tab:orange",
+            label="validation",
         )
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss (nats/token)")
