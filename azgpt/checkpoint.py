@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError, fsync_dir
+from .errors import UserError, check_writable, fsync_dir
 from .model import GPT, GPTConfig
 
 _FAULT_SLOW_SAVE = os.environ.get("AZGPT_FAULT_SLOW_SAVE")
@@ -158,8 +158,14 @@ class RunLock:
         self.fd = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        check_writable(self.path, "train.out_dir")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(
+                f"cannot use {self.path.parent} as the run folder ({e.strerror}); choose another train.out_dir."
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -128,6 +128,22 @@ class TrainConfig:
             raise ConfigError(
                 f"train.batch_size={self.batch_size} is absurd; use a value such as 12."
             )
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"train.seed must be in [0, 2**32), got {self.seed}.")
+        if self.warmup_iters > self.max_iters:
+            raise ConfigError(
+                f"train.warmup_iters={self.warmup_iters} is longer than train.max_iters={self.max_iters}; lower it."
+            )
+        if self.log_interval > 100_000:
+            raise ConfigError(
+                f"train.log_interval={self.log_interval} is absurd; use a value such as 10."
+            )
+        import math
+
+        for name in ("grad_clip", "weight_decay"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"train.{name} must be a finite number >= 0, got {v}.")
         if not (0 < self.lr < 10):
             raise ConfigError(f"train.lr must be in (0, 10), got {self.lr}.")
         if not (0 <= self.min_lr <= self.lr):

@@ -248,8 +248,13 @@ def run_prepare(
                 n_docs["train"] -= 1
                 n_docs["val"] += 1
             if n_docs["train"] == 0:
+                if n_docs["val"] < 2:
+                    raise UserError(
+                        f"only {n_docs['val']} document(s) in the input: at least two are needed for a train/val split."
+                    )
                 raise UserError(
-                    f"only {n_docs['val']} document(s) in the input: at least two are needed for a train/val split."
+                    f"every one of the {n_docs['val']} documents was drawn into val; lower --val-fraction "
+                    f"(now {val_fraction}) or give more documents."
                 )
             for w in writers.values():
                 w.close()
@@ -320,9 +325,20 @@ def read_manifest(data_dir: str | Path) -> dict:
             f"{p} does not exist; run `azgpt prepare` to write the token files (data.dir={data_dir})."
         )
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
+        m = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{p} is not valid JSON; rerun `azgpt prepare`.") from None
+    ok = (
+        isinstance(m, dict)
+        and all(isinstance(m.get(k), dict) for k in ("train", "val", "tokenizer"))
+        and isinstance(m["tokenizer"].get("sha256"), str)
+        and all(isinstance(m[k].get("tokens"), int) for k in ("train", "val"))
+    )
+    if not ok:
+        raise UserError(
+            f"{p} is not an azgpt manifest (train, val, tokenizer entries); rerun `azgpt prepare`."
+        )
+    return m
 
 
 def load_tokens(path: Path) -> np.ndarray:
@@ -382,9 +398,9 @@ class TokenData:
                         "raise model.vocab_size or prepare with a smaller tokenizer."
                     )
         for s, arr in self.splits.items():
-            if len(arr) < block_size + 2:
+            if len(arr) < block_size + 1:
                 raise UserError(
-                    f"the {s} split of {self.dir} has {len(arr)} tokens, fewer than the context of {block_size} + 1; "
+                    f"the {s} split of {self.dir} has {len(arr)} tokens, fewer than model.block_size + 1 = {block_size + 1}; "
                     "lower model.block_size or prepare more data (or a larger --val-fraction)."
                 )
 
@@ -401,8 +417,8 @@ class TokenData:
         """Window starts for one micro-step of the whole (all-process) batch. A pure function of
         (seed, step, micro), so a resumed run draws exactly the windows it would have drawn."""
         rng = np.random.default_rng([seed, step, micro])
-        hi = len(self.splits["train"]) - self.block_size - 1
-        return rng.integers(0, hi, size=global_batch)
+        hi = len(self.splits["train"]) - self.block_size - 1  # last start whose window fits
+        return rng.integers(0, hi + 1, size=global_batch)
 
     def get_batch(self, seed, step, micro, batch_size, rank=0, world=1, device=None):
         """This process's share of the global batch: rows [rank*B, (rank+1)*B)."""
@@ -416,7 +432,7 @@ class TokenData:
         """A fixed set of validation windows (same every evaluation), sharded over processes."""
         rng = np.random.default_rng([seed, 0xE7A1])
         hi = len(self.splits["val"]) - self.block_size - 1
-        starts = rng.integers(0, max(hi, 1), size=n_batches * batch_size)
+        starts = rng.integers(0, hi + 1, size=n_batches * batch_size)
         for b in range(rank, n_batches, world):
             x, y = self._windows("val", starts[b * batch_size : (b + 1) * batch_size])
             yield _to_device(x, y, device)

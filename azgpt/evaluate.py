@@ -129,17 +129,29 @@ def eval_texts(
     return _summary(nll, count, nbytes, docs)
 
 
-def eval_tokens(model, tok, path: str, *, batch_size=8, device="cpu") -> dict:
-    from .data import load_tokens
+def eval_tokens(
+    model, tok, path: str, *, batch_size=8, device="cpu", tok_sha: str | None = None
+) -> dict:
+    from .data import _chunked_max, load_tokens, read_manifest
 
     arr = load_tokens(Path(path))
     T = model.config.block_size
     if len(arr) < 2:
         raise UserError(f"token file {path} holds fewer than two tokens; nothing to score.")
-    if int(arr.max()) >= model.config.vocab_size:
+    top = int(_chunked_max(arr))
+    if top >= min(model.config.vocab_size, tok.get_vocab_size()):
         raise UserError(
-            f"token file {path} holds ids at or above the model's vocab size {model.config.vocab_size}."
+            f"token file {path} holds id {top}, beyond this tokenizer ({tok.get_vocab_size()} ids) or model "
+            f"({model.config.vocab_size}); evaluate token files prepared with the checkpoint's tokenizer."
         )
+    man = Path(path).parent / "manifest.json"
+    if man.is_file():
+        want = read_manifest(man.parent)["tokenizer"]["sha256"]
+        if tok_sha is not None and tok_sha != want:
+            raise UserError(
+                f"token file {path} was prepared with another tokenizer than the checkpoint's (sha256 differs); "
+                "prepare it again with the checkpoint's tokenizer."
+            )
     from tqdm.auto import tqdm
 
     lens = token_byte_lengths(tok)
@@ -150,8 +162,12 @@ def eval_tokens(model, tok, path: str, *, batch_size=8, device="cpu") -> dict:
             seqs = [arr[i : i + T + 1].astype(np.int64).tolist() for i in starts[g : g + group]]
             a, b = score_sequences(model, seqs, T, batch_size, device, bar)
             nll, count = nll + a, count + b
-    nbytes = int(lens[np.asarray(arr[1 : 1 + count], dtype=np.int64)].sum())
-    docs = int((arr == tok.token_to_id(EOT)).sum())
+    eot, nbytes, docs = tok.token_to_id(EOT), 0, 0
+    for i in range(0, len(arr), 1 << 22):  # in chunks: no full-size copies of a large file
+        chunk = np.asarray(arr[i : i + (1 << 22)], dtype=np.int64)
+        docs += int((chunk == eot).sum())
+        lo = max(1, i) - i  # the first token is context, not scored
+        nbytes += int(lens[chunk[lo : max(lo, 1 + count - i)]].sum())
     return _summary(nll, count, max(nbytes, 1), docs)
 
 
@@ -200,7 +216,7 @@ def run_eval(
     dev = pick_device(device)
     model, meta = load_model(ckpt, dev)
     model.eval()
-    tok = checkpoint_tokenizer(meta, tokenizer, Path(ckpt))
+    tok, tok_sha = checkpoint_tokenizer(meta, tokenizer, Path(ckpt))
     out: dict = {}
     if texts:
         out.update(
@@ -215,7 +231,7 @@ def run_eval(
             )
         )
     if tokens:
-        res = eval_tokens(model, tok, tokens, batch_size=batch_size, device=dev)
+        res = eval_tokens(model, tok, tokens, batch_size=batch_size, device=dev, tok_sha=tok_sha)
         out.update(res if not texts else {f"tokens_{k}": v for k, v in res.items()})
     if probes:
         out["probes"] = eval_probes(model, tok, dev)

@@ -91,12 +91,17 @@ def export_hf(ckpt: str, out: str, *, tokenizer: str | None = None, force: bool 
             "export needs transformers; install it with `pip install azgpt[hf]`."
         ) from None
     out_dir = Path(out)
+    here, ck = Path.cwd().resolve(), Path(ckpt).resolve()
+    if out_dir.resolve() in (here, *here.parents) or out_dir.resolve() in (ck, *ck.parents):
+        raise UserError(
+            f"export folder {out_dir} holds the current folder or the checkpoint; choose a new folder for --out."
+        )
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
         raise UserError(
             f"export folder {out_dir} exists and is not empty; choose another --out or pass --force."
         )
     model, meta = load_model(ckpt, "cpu")
-    tok = checkpoint_tokenizer(meta, tokenizer, Path(ckpt))
+    tok, _ = checkpoint_tokenizer(meta, tokenizer, Path(ckpt))
     c = model.config
     eot = tok.token_to_id(EOT)
     pad = tok.token_to_id("<|pad|>")

@@ -208,7 +208,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         sorted_logits, sorted_idx = torch.sort(logits, descending=True)
         probs = F.softmax(sorted_logits, dim=-1)
         cum = probs.cumsum(dim=-1)
-        drop = cum - probs > top_p  # keep the smallest set whose mass reaches top_p
+        drop = cum - probs >= top_p  # keep the smallest set whose mass reaches top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, sorted_idx, sorted_logits)
     probs = F.softmax(logits, dim=-1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import UserError, atomic_path
+from .errors import UserError, atomic_path, check_writable
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict], dict]:
@@ -90,7 +90,13 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
             f"{metrics} holds no training steps yet; train for at least one log interval."
         )
     out_dir = Path(out) if out else run / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(out_dir / "report.md", "--out")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"cannot create report folder {out_dir} ({e.strerror}); choose another --out."
+        ) from None
     plot_losses(metrics, out_dir / "loss.png")
     _line_plot(out_dir / "lr.png", train, "lr", "learning rate")
     _line_plot(out_dir / "throughput.png", train, "tok_per_s", "tokens / s")

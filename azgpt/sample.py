@@ -24,19 +24,21 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def checkpoint_tokenizer(meta: dict, override: str | None, ckpt: Path):
+    """(tokenizer, its sha256): --tokenizer if given, else the one recorded in meta.json, which
+    must not have changed since training."""
+    from .tokenizer import sha256_file, tokenizer_path
+
     path = override or meta.get("tokenizer_path")
     if not path:
         raise UserError(f"{ckpt}/meta.json names no tokenizer; pass --tokenizer DIR.")
     tok = load_tokenizer(path)
+    sha = sha256_file(tokenizer_path(path))
     want = meta.get("tokenizer_sha256")
-    if want and override is None:
-        from .tokenizer import sha256_file, tokenizer_path
-
-        if sha256_file(tokenizer_path(path)) != want:
-            raise UserError(
-                f"tokenizer {path} changed since {ckpt} was trained; pass the right one with --tokenizer."
-            )
-    return tok
+    if want and override is None and sha != want:
+        raise UserError(
+            f"tokenizer {path} changed since {ckpt} was trained; pass the right one with --tokenizer."
+        )
+    return tok, sha
 
 
 def run_sample(
@@ -61,7 +63,7 @@ def run_sample(
     dev = pick_device(device)
     model, meta = load_model(ckpt, dev)
     model.eval()
-    tok = checkpoint_tokenizer(meta, tokenizer, Path(ckpt))
+    tok, _ = checkpoint_tokenizer(meta, tokenizer, Path(ckpt))
     eot = tok.token_to_id(EOT)
     ids = tok.encode(prompt, add_special_tokens=False).ids if prompt else []
     ids = ([eot] + ids)[-model.config.block_size :]

@@ -188,14 +188,27 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
     ckpt = None
     if resume:
         ckpt = latest_checkpoint(out_dir)
+        if ckpt is None and step_dirs(out_dir):
+            raise UserError(
+                f"{out_dir} holds step-* folders but none is a complete checkpoint; move them away to start "
+                "over, or choose another train.out_dir (nothing was changed)."
+            )
         if ckpt is None:
-            accelerator.print(f"no complete checkpoint in {out_dir}; starting from scratch")
+            accelerator.print(f"no checkpoint in {out_dir} yet; starting from scratch")
     elif step_dirs(out_dir):
         raise UserError(
             f"{out_dir} already holds checkpoints; pass --resume to continue that run or choose another train.out_dir."
         )
     if ckpt is not None:
         check_resume_shape(ckpt, cfg)
+        was = read_json(ckpt / "meta.json", "the checkpoint is incomplete; use another one.").get(
+            "tokenizer_sha256"
+        )
+        if was and was != data.manifest["tokenizer"]["sha256"]:
+            raise UserError(
+                f"{ckpt} was trained on data from another tokenizer than {cfg.data.dir} (sha256 differs); "
+                "resume with the data and tokenizer it was trained with."
+            )
 
     set_seed(tc.seed)
     gcfg = dataclasses.replace(mc)
@@ -318,7 +331,7 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
         if tc.sample_tokens <= 0 or not main:
             return ""
         raw_model.eval()
-        ids = encode(tok, tc.sample_prompt) or [eot]
+        ids = [eot] + encode(tok, tc.sample_prompt)  # as `azgpt sample` does
         g = torch.Generator(device=device).manual_seed(tc.seed)
         x = torch.tensor([ids[-mc.block_size :]], device=device)
         with torch.no_grad(), accelerator.autocast():
@@ -422,6 +435,26 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
             optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
+    def log_rows(steps: list[int], losses: list[float], tps, mfu) -> None:
+        for s, v in zip(steps, losses):
+            row = {
+                "step": s + 1,
+                "tokens": (s + 1) * tokens_per_step,
+                "loss": v,
+                "lr": lr_at(
+                    s,
+                    lr=tc.lr,
+                    min_lr=tc.min_lr,
+                    warmup_iters=tc.warmup_iters,
+                    max_iters=tc.max_iters,
+                ),
+            }
+            if tps is not None:
+                row["tok_per_s"] = tps
+            if mfu is not None:
+                row["mfu"] = mfu
+            log(row)
+
     def flush() -> bool:
         """Read back, check and log the buffered step losses; False when training must stop."""
         nonlocal buf_steps, t_last, tokens_at_last, last_loss
@@ -437,10 +470,12 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
                 f"skipped {len(bad)} update(s) with a non-finite loss (first at step {bad[0] + 1})"
             )
         elif bad:
+            first = buf_steps.index(bad[0])
+            log_rows(buf_steps[:first], losses[:first], None, None)
             last_ck = latest_checkpoint(out_dir)
             if main:
                 print(
-                    f"azgpt: error: the loss became {losses[buf_steps.index(bad[0])]} at step {bad[0] + 1}; "
+                    f"azgpt: error: the loss became {losses[first]} at step {bad[0] + 1}; "
                     f"training stopped, the last good checkpoint is {last_ck or 'none (none was written yet)'}. "
                     "Lower train.lr or use train.mixed_precision=bf16.",
                     file=sys.stderr,
@@ -452,32 +487,19 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
         t_last, tokens_at_last = now_t, tokens_seen
         mfu = flops_per_token * tps / peak if peak else None
         last = buf_steps[-1]
-        for s, v in zip(buf_steps, losses):
-            row = {
-                "step": s + 1,
-                "tokens": tokens_seen - (last - s) * tokens_per_step,
-                "loss": v,
-                "lr": lr_at(
-                    s,
-                    lr=tc.lr,
-                    min_lr=tc.min_lr,
-                    warmup_iters=tc.warmup_iters,
-                    max_iters=tc.max_iters,
-                ),
-                "tok_per_s": tps,
-            }
-            if mfu is not None:
-                row["mfu"] = mfu
-            log(row)
+        log_rows(buf_steps, losses, tps, mfu)
         last_loss = losses[-1]
-        post = {"loss": f"{last_loss:.4f}", "lr": f"{row['lr']:.2e}", "tok/s": f"{tps:,.0f}"}
+        lr_now = lr_at(
+            last, lr=tc.lr, min_lr=tc.min_lr, warmup_iters=tc.warmup_iters, max_iters=tc.max_iters
+        )
+        post = {"loss": f"{last_loss:.4f}", "lr": f"{lr_now:.2e}", "tok/s": f"{tps:,.0f}"}
         if mfu is not None:
             post["mfu"] = f"{100 * mfu:.1f}%"
         pbar.set_postfix(post, refresh=False)
         pbar.update(n)
         if tc.tensorboard:
             accelerator.log(
-                {"train_loss": last_loss, "lr": row["lr"], "tokens_per_s": tps}, step=last + 1
+                {"train_loss": last_loss, "lr": lr_now, "tokens_per_s": tps}, step=last + 1
             )
         buf_steps = []
         return True
@@ -492,6 +514,7 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
         step_loss = torch.zeros((), device=device)
         for micro in range(tc.grad_accum):
             if not compiled_checked:
+                acc_step = accelerator.step  # the accumulation counter the failed try advanced
                 try:
                     loss = run_micro(step, micro)
                 except Exception as e:
@@ -503,6 +526,7 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
                     )
                     fwd = model
                     optimizer.zero_grad(set_to_none=True)
+                    accelerator.step = acc_step
                     loss = run_micro(step, micro)
                 compiled_checked = True
             else:
@@ -539,6 +563,7 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
                     plot_losses(metrics_path, out_dir / "loss.png")
                 except Exception as e:  # a plot must never kill a run
                     warnings.warn(f"could not draw loss.png ({e})", stacklevel=1)
+            t_last = time.perf_counter()  # throughput counts training steps only
     pbar.close()
     if main and ok:
         accelerator.print(

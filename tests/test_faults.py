@@ -357,7 +357,8 @@ def _cases(e):
         ),
         (["eval", "--ckpt", str(ck)], "--text"),
         (["export", "--ckpt", str(b / "trunc_ck"), "--out", o], "model.safetensors"),
-        (["export", "--ckpt", str(ck), "--out", str(b / "run")], "--force"),
+        (["export", "--ckpt", str(ck), "--out", str(b / "corrupt_tok")], "--force"),
+        (["export", "--ckpt", str(ck), "--out", str(b / "run"), "--force"], "--out"),
         (["report", str(b / "norun")], "metrics.jsonl"),
         (["nosuchcommand"], "nosuchcommand"),
     ]
