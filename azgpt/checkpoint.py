@@ -25,7 +25,6 @@ from safetensors.torch import load_file, save_file
 from .errors import UserError, check_writable, fsync_dir
 from .model import GPT, GPTConfig
 
-_FAULT_SLOW_SAVE = os.environ.get("AZGPT_FAULT_SLOW_SAVE")
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 TIED = "lm_head.weight"
 
@@ -255,8 +254,9 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         save_model_files(model, tmp, model_sd)
-        if _FAULT_SLOW_SAVE:  # fault-injection point for tests: widen the mid-write window
-            time.sleep(float(_FAULT_SLOW_SAVE))
+        slow = os.environ.get("AZGPT_FAULT_SLOW_SAVE")
+        if slow:  # fault-injection point for tests: widens the mid-write window
+            time.sleep(float(slow))
         tensors, opt_info = optimizer_tensors(optimizer) if optimizer is not None else ({}, {})
         tensors.update(extra_tensors or {})
         save_file(tensors, str(tmp / "optimizer.safetensors"))
