@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainkit import azgpt, losses, make_data, tiny_config, train_cli
+from trainkit import azgpt, break_compile, inject_nan, losses, make_data, tiny_config, train_cli
 
 from azgpt.errors import UserError
 from azgpt.train import train
@@ -39,14 +39,8 @@ def test_compile_fallback_with_grad_accum_matches_eager(data, tmp_path, monkeypa
     over = {"train.grad_accum": 2, "train.max_iters": 4}
     train(tiny_config(tok, d, tmp_path / "plain", **over))
 
-    def broken_compile(model, **kw):
-        def run(*a, **k):
-            raise RuntimeError("Cannot find a working triton installation")
-
-        return run
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    with pytest.warns(UserWarning, match="training uncompiled"):
+    break_compile(monkeypatch)
+    with pytest.warns(UserWarning, match="torch.compile failed.*training uncompiled"):
         train(tiny_config(tok, d, tmp_path / "fb", **over, **{"train.compile": "on"}))
     a, b = losses(tmp_path / "plain"), losses(tmp_path / "fb")
     assert a == b, (
@@ -87,20 +81,7 @@ def test_throughput_after_an_eval_excludes_eval_and_checkpoint_time(data, tmp_pa
 
 def test_nan_stop_still_logs_the_finite_steps_before_it(data, tmp_path, monkeypatch):
     """When a non-finite loss stops training, the finite losses read back with it are still logged."""
-    from azgpt import model as model_mod
-
-    orig = model_mod.GPT.forward
-    calls = {"n": 0}
-
-    def forward(self, idx, targets=None, **kw):
-        logits, loss = orig(self, idx, targets, **kw)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if calls["n"] >= 6:
-                loss = loss * float("nan")
-        return logits, loss
-
-    monkeypatch.setattr(model_mod.GPT, "forward", forward)
+    inject_nan(monkeypatch, lambda n: n >= 6)
     tok, d = data
     run = tmp_path / "nan"
     res = train(tiny_config(tok, d, run, **{"train.log_interval": 4, "train.eval_interval": 4}))

@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainkit import ROOT, azgpt, losses, make_data, tiny_config, tiny_overrides, train_cli
+from trainkit import (
+    ROOT,
+    azgpt,
+    inject_nan,
+    losses,
+    make_data,
+    tiny_config,
+    tiny_overrides,
+    train_cli,
+)
 
 from azgpt.errors import UserError
 from azgpt.train import train
@@ -114,24 +123,6 @@ def test_refuses_to_overwrite_a_run_without_resume(data, tmp_path):
         train(tiny_config(tok, d, tmp_path / "r", **{"train.max_iters": 4}))
 
 
-def inject_nan(monkeypatch, bad_call):
-    """Make the training loss NaN on the forward passes for which bad_call(n) is true."""
-    from azgpt import model as model_mod
-
-    orig = model_mod.GPT.forward
-    calls = {"n": 0}
-
-    def forward(self, idx, targets=None, **kw):
-        logits, loss = orig(self, idx, targets, **kw)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if bad_call(calls["n"]):
-                loss = loss * float("nan")
-        return logits, loss
-
-    monkeypatch.setattr(model_mod.GPT, "forward", forward)
-
-
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypatch, capsys):
     tok, d = data
     inject_nan(monkeypatch, lambda n: n >= 6)
@@ -228,54 +219,12 @@ def test_corrupt_checkpoint_on_resume_and_sample(data, tmp_path):
 def test_sample_streams_text(data, tmp_path):
     tok, d = data
     train(tiny_config(tok, d, tmp_path / "r", **{"train.max_iters": 4}))
-    r = azgpt(
-        "sample",
-        "--ckpt",
-        str(tmp_path / "r" / "last"),
-        "--prompt",
-        "Azərbaycanın paytaxtı",
-        "--max-new-tokens",
-        "8",
-        "--num-samples",
-        "2",
-        "--seed",
-        "3",
-    )
+    args = ["sample", "--ckpt", str(tmp_path / "r" / "last"), "--prompt", "Azərbaycanın paytaxtı"]
+    args += ["--max-new-tokens", "8", "--num-samples", "2", "--seed", "3"]
+    r, r2 = azgpt(*args), azgpt(*args)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("Azərbaycanın paytaxtı") == 2 and "--- sample 2 ---" in r.stdout
-    r2 = azgpt(
-        "sample",
-        "--ckpt",
-        str(tmp_path / "r" / "last"),
-        "--prompt",
-        "Azərbaycanın paytaxtı",
-        "--max-new-tokens",
-        "8",
-        "--num-samples",
-        "2",
-        "--seed",
-        "3",
-    )
-    assert r2.stdout == r.stdout
-
-
-def test_failed_compile_falls_back_to_eager_with_a_warning(data, tmp_path, monkeypatch):
-    tok, d = data
-
-    def broken_compile(model, **kw):
-        def run(*a, **k):
-            raise RuntimeError("Cannot find a working triton installation")
-
-        return run
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    with pytest.warns(UserWarning, match="torch.compile failed.*training uncompiled"):
-        res = train(
-            tiny_config(tok, d, tmp_path / "c", **{"train.compile": "on", "train.max_iters": 4})
-        )
-    assert res.ok and res.step == 4
-    train(tiny_config(tok, d, tmp_path / "plain", **{"train.max_iters": 4}))
-    assert losses(tmp_path / "c") == losses(tmp_path / "plain")
+    assert r2.stdout == r.stdout  # seeded
 
 
 def test_tensorboard_logging(data, tmp_path):

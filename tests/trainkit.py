@@ -84,3 +84,34 @@ def train_cli(tok: Path, data: Path, out: Path, *flags: str, **over) -> subproce
         *flags,
         *tiny_overrides(tok, data, out, **over),
     )
+
+
+def inject_nan(monkeypatch, bad_call) -> None:
+    """Make the training loss NaN on the forward passes for which bad_call(n) is true."""
+    from azgpt import model as model_mod
+
+    orig = model_mod.GPT.forward
+    calls = {"n": 0}
+
+    def forward(self, idx, targets=None, **kw):
+        logits, loss = orig(self, idx, targets, **kw)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if bad_call(calls["n"]):
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(model_mod.GPT, "forward", forward)
+
+
+def break_compile(monkeypatch) -> None:
+    """torch.compile returns a function that fails when called, as without a working Triton."""
+    import torch
+
+    def broken_compile(model, **kw):
+        def run(*a, **k):
+            raise RuntimeError("Cannot find a working triton installation")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
