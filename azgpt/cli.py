@@ -66,13 +66,13 @@ def cmd_tokenizer_train(a) -> int:
     from collections import Counter
 
     from .corpus import discover, iter_corpus
-    from .tokenizer import iter_texts_for_training, save_tokenizer, train_tokenizer
+    from .tokenizer import save_tokenizer, train_tokenizer
 
     files = discover(a.inputs)
     stats: Counter = Counter()
     t0 = time.perf_counter()
     tok = train_tokenizer(
-        iter_texts_for_training(iter_corpus(files, stats, a.text_field)),
+        iter_corpus(files, stats, a.text_field),  # the tokenizer normalises to NFC itself
         vocab_size=a.vocab_size,
         pretokenizer=a.pretokenizer,
         min_frequency=a.min_frequency,

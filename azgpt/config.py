@@ -290,13 +290,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _apply(cfg, section, key, value, from_cli=True)
     cfg.validate()
     return cfg
-
-
-def config_from_dict(d: dict) -> RunConfig:
-    """Rebuild a RunConfig saved with `to_dict` (checkpoints store the resolved config)."""
-    cfg = RunConfig()
-    for section, table in d.items():
-        for key, value in table.items():
-            _apply(cfg, section, key, value, from_cli=False)
-    cfg.validate()
-    return cfg

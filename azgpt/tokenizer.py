@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -217,10 +217,6 @@ def nfc(text: str) -> str:
     return text if unicodedata.is_normalized("NFC", text) else unicodedata.normalize("NFC", text)
 
 
-def words(text: str) -> list[str]:
-    return text.split()
-
-
 def fertility(tok: Tokenizer, texts: Iterable[str]) -> dict:
     """Tokens per word, bytes per token and the share of words split into 3+ pieces."""
     n_words = n_tokens = n_bytes = split3 = 0
@@ -228,7 +224,7 @@ def fertility(tok: Tokenizer, texts: Iterable[str]) -> dict:
     for text in texts:
         n_tokens += len(encode(tok, text))
         n_bytes += len(text.encode("utf-8"))
-        for w in words(text):
+        for w in text.split():
             n_words += 1
             k = cache.get(w)
             if k is None:
@@ -245,8 +241,3 @@ def fertility(tok: Tokenizer, texts: Iterable[str]) -> dict:
         "bytes_per_token": round(n_bytes / n_tokens, 4),
         "share_words_3plus_tokens": round(split3 / n_words, 4),
     }
-
-
-def iter_texts_for_training(docs: Iterator[str]) -> Iterator[str]:
-    for d in docs:
-        yield nfc(d)

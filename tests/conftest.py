@@ -13,7 +13,6 @@ import azgpt.data
 from azgpt.corpus import discover, iter_corpus
 from azgpt.data import run_prepare
 from azgpt.tokenizer import (
-    iter_texts_for_training,
     load_tokenizer,
     save_tokenizer,
     train_tokenizer,
@@ -79,9 +78,7 @@ def sample_docs(sample_dir) -> list[str]:
 def tokenizer_dir(tmp_path_factory, sample_dir) -> Path:
     out = tmp_path_factory.mktemp("tokenizer")
     files = discover([sample_dir])
-    tok = train_tokenizer(
-        iter_texts_for_training(iter_corpus(files, Counter())), vocab_size=TOKENIZER_VOCAB
-    )
+    tok = train_tokenizer(iter_corpus(files, Counter()), vocab_size=TOKENIZER_VOCAB)
     save_tokenizer(tok, out, {"pretokenizer": "az"})
     return out
 
