@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 DEMO := out/demo
 
-.PHONY: setup demo test test-all lint bench-cpu clean-demo
+.PHONY: setup demo test test-all lint bench-cpu corpus-data
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,3 +50,11 @@ lint: setup
 
 bench-cpu: setup
 	$(PY) bench/cpu_train.py
+
+# Token files for configs/gpt100m.toml from a real corpus (default: the shared Azerbaijani corpus
+# beside this checkout). bench/gpu.sh uses out/az when it exists.
+CORPUS ?= ../shared/corpus/az_train
+corpus-data: setup
+	$(VENV)/bin/azgpt clean $(CORPUS) --out out/az/clean.txt --report out/az/clean_report.json
+	$(VENV)/bin/azgpt tokenizer train out/az/clean.txt --out out/az/tokenizer
+	$(VENV)/bin/azgpt prepare out/az/clean.txt --tokenizer out/az/tokenizer --out out/az/data

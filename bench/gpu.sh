@@ -4,7 +4,8 @@
 #      (tokens/s, MFU, peak memory, step-time spread; a section appended to bench/RESULTS.md),
 #      and a 200-step loss-curve check, compiled vs plain;
 #   2. the `gpu`-marked tests (bf16 + compile, fp16 loss scaling), when pytest is installed.
-# Real corpus tokens are used when out/az/data + out/az/tokenizer exist (see README), else random
+# Real corpus tokens are used when out/az/data + out/az/tokenizer exist (`make corpus-data`, then
+# carry those two folders to the GPU machine, 16 MB together), else random
 # tokens. Extra arguments go to bench/gpu.py, e.g. `bash bench/gpu.sh --compile reduce-overhead`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
