@@ -130,10 +130,6 @@ class TrainConfig:
             )
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"train.seed must be in [0, 2**32), got {self.seed}.")
-        if self.warmup_iters > self.max_iters:
-            raise ConfigError(
-                f"train.warmup_iters={self.warmup_iters} is longer than train.max_iters={self.max_iters}; lower it."
-            )
         if self.log_interval > 100_000:
             raise ConfigError(
                 f"train.log_interval={self.log_interval} is absurd; use a value such as 10."

@@ -10,7 +10,9 @@ import torch
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup_iters: int, max_iters: int) -> float:
     """Linear warmup from lr/warmup to lr over `warmup_iters` steps, then cosine decay to `min_lr`
-    at `max_iters`; `min_lr` after that. `step` counts optimizer steps from 0."""
+    at `max_iters`; `min_lr` after that. `step` counts optimizer steps from 0. A warmup longer
+    than the run is cut to the run (a short smoke run of a long config still reaches the peak)."""
+    warmup_iters = min(warmup_iters, max_iters)
     if warmup_iters > 0 and step < warmup_iters:
         return lr * (step + 1) / warmup_iters
     if step >= max_iters:

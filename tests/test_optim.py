@@ -34,3 +34,9 @@ def test_weight_decay_only_on_matrices():
     assert any(p is m.transformer.wte.weight for p in decay["params"])
     opt = torch.optim.AdamW([decay, no_decay], lr=1e-3)
     assert len(opt.param_groups) == 2
+
+
+def test_warmup_longer_than_the_run_is_cut_to_the_run():
+    s = dict(lr=1.0, min_lr=0.1, warmup_iters=30, max_iters=5)
+    assert [lr_at(i, **s) for i in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert lr_at(5, **s) == pytest.approx(0.1)
