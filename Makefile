@@ -15,7 +15,7 @@ DEMO := out/demo
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[dev,fast]"
+	$(PY) -m pip install -q -e ".[dev,gguf,serve,crawl]"
 	touch $@
 
 setup: $(VENV)/.installed
