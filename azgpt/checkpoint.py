@@ -115,6 +115,52 @@ def load_weights(model: GPT, path: Path) -> None:
     model.lm_head.weight = model.transformer.wte.weight  # re-tie
 
 
+def pick_device(name: str = "auto") -> torch.device:
+    """`--device`: auto (CUDA when visible), cpu, cuda or cuda:N."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use auto, cpu or cuda.") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r} is not supported; use auto, cpu or cuda.")
+    return dev
+
+
+TOKENIZER_FILE = "tokenizer.json"  # a copy of the run's tokenizer inside every checkpoint
+
+
+def checkpoint_tokenizer(ckpt: str | Path, meta: dict, override: str | None = None):
+    """(tokenizer, its sha256, its path) for a checkpoint: `--tokenizer` if given, else the
+    copy inside the checkpoint folder, else (older checkpoints) the path recorded in meta.json.
+    The copy travels with the folder, so a run copied to another machine works on its own."""
+    from .tokenizer import load_tokenizer, sha256_file, tokenizer_path
+
+    folder = Path(ckpt)
+    if override is not None:
+        path = tokenizer_path(override)
+    elif (folder / TOKENIZER_FILE).is_file():
+        path = folder / TOKENIZER_FILE
+    elif meta.get("tokenizer_path"):
+        path = tokenizer_path(meta["tokenizer_path"])
+    else:
+        raise UserError(
+            f"{folder} holds no tokenizer.json and meta.json names none; pass --tokenizer DIR."
+        )
+    tok = load_tokenizer(path)
+    sha = sha256_file(path)
+    want = meta.get("tokenizer_sha256")
+    if want and override is None and sha != want:
+        raise UserError(
+            f"tokenizer {path} is not the one {folder} was trained with (sha256 differs); "
+            "pass the right one with --tokenizer."
+        )
+    return tok, sha, path
+
+
 # ----------------------------------------------------------------------------- optimizer state
 
 
@@ -245,6 +291,7 @@ def save_checkpoint(
     is_best: bool = False,
     keep_last: int = 2,
     model_sd: dict | None = None,
+    tokenizer_file: Path | None = None,
 ) -> Path:
     """Write step-NNNNNN atomically, point `last` (and `best`) at it, prune old ones."""
     final = out_dir / f"step-{step:06d}"
@@ -254,6 +301,8 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         save_model_files(model, tmp, model_sd)
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
         slow = os.environ.get("AZGPT_FAULT_SLOW_SAVE")
         if slow:  # fault-injection point for tests: widens the mid-write window
             time.sleep(float(slow))

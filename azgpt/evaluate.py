@@ -20,11 +20,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .checkpoint import load_model
+from .checkpoint import checkpoint_tokenizer, load_model, pick_device
 from .corpus import discover, iter_corpus
 from .errors import UserError
 from .model import GPT
-from .sample import checkpoint_tokenizer, pick_device
 from .text import clean_document
 from .tokenizer import EOT, encode, token_byte_lengths
 
@@ -74,7 +73,7 @@ def score_sequences(
             t[:skip] = -1
             y[r, : len(tgt)] = t
         x, y = x.to(device), y.to(device)
-        logits, _ = model(x)
+        logits = model(x)
         losses = F.cross_entropy(
             logits.float().reshape(-1, logits.size(-1)),
             y.reshape(-1),
@@ -176,7 +175,7 @@ def continuation_logprob(model: GPT, prefix: list[int], cont: list[int], device)
     ids = (prefix + cont)[-(model.config.block_size + 1) :]
     x = torch.tensor([ids[:-1]], device=device)
     y = torch.tensor(ids[1:], device=device)
-    logits, _ = model(x)
+    logits = model(x)
     lp = F.log_softmax(logits[0].float(), dim=-1)
     k = len(cont)
     return float(lp[-k:].gather(1, y[-k:, None]).sum())
@@ -216,7 +215,7 @@ def run_eval(
     dev = pick_device(device)
     model, meta = load_model(ckpt, dev)
     model.eval()
-    tok, tok_sha = checkpoint_tokenizer(meta, tokenizer, Path(ckpt))
+    tok, tok_sha, _ = checkpoint_tokenizer(ckpt, meta, tokenizer)
     out: dict = {}
     if texts:
         out.update(

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_model
+from .checkpoint import checkpoint_tokenizer, load_model
 from .errors import UserError, fsync_dir
-from .sample import checkpoint_tokenizer
 from .tokenizer import EOT
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -101,7 +100,7 @@ def export_hf(ckpt: str, out: str, *, tokenizer: str | None = None, force: bool 
             f"export folder {out_dir} exists and is not empty; choose another --out or pass --force."
         )
     model, meta = load_model(ckpt, "cpu")
-    tok, _ = checkpoint_tokenizer(meta, tokenizer, Path(ckpt))
+    tok, _, _ = checkpoint_tokenizer(ckpt, meta, tokenizer)
     c = model.config
     eot = tok.token_to_id(EOT)
     pad = tok.token_to_id("<|pad|>")

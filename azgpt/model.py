@@ -16,7 +16,71 @@ from torch.nn import functional as F
 
 from .config import ModelConfig as GPTConfig  # the model section of a run file
 
-__all__ = ["GPT", "GPTConfig", "sample_next"]
+__all__ = ["GPT", "GPTConfig", "KVCache", "sample_next"]
+
+
+class KVCache:
+    """Keys and values of earlier positions, for every layer, preallocated.
+
+    `k[i]`, `v[i]`: (B, n_head, max_len, head_size) for layer i; `lengths`: (B,) how many
+    positions each row holds. Rows advance independently, so one batch can hold sequences of
+    different lengths (serving batches requests that started at different times): a forward
+    with a cache writes the T new positions of row b at `lengths[b] ... lengths[b] + T - 1` and
+    attends only to that row's filled positions.
+    """
+
+    def __init__(
+        self,
+        cfg: GPTConfig,
+        batch: int,
+        max_len: int | None = None,
+        *,
+        device=None,
+        dtype=torch.float32,
+    ):
+        self.max_len = max_len or cfg.block_size
+        hs = cfg.n_embd // cfg.n_head
+        shape = (batch, cfg.n_head, self.max_len, hs)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+
+    @property
+    def batch(self) -> int:
+        return self.lengths.numel()
+
+    def reset(self, row: int | None = None) -> None:
+        """Forget row `row` (or every row); its slots are overwritten by the next writes."""
+        if row is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[row] = 0
+
+    def copy_row(self, src: KVCache, src_row: int, dst_row: int) -> None:
+        """Put row `src_row` of another cache (e.g. a prompt prefilled alone) into `dst_row`."""
+        n = int(src.lengths[src_row])
+        for i in range(len(self.k)):
+            self.k[i][dst_row, :, :n] = src.k[i][src_row, :, :n]
+            self.v[i][dst_row, :, :n] = src.v[i][src_row, :, :n]
+        self.lengths[dst_row] = n
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's (B, nh, T, hs) keys/values; return the full cache of the layer and
+        the boolean attention mask (B, 1, T, max_len) of what each new query may see."""
+        B, _, T, _ = k.shape
+        pos = self.lengths[:, None] + torch.arange(T, device=k.device)  # (B, T)
+        if int(pos.max()) >= self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} positions is full")
+        rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
+        # Advanced indices on dims 0 and 2 put (B, T) first: (B, T, nh, hs).
+        self.k[layer][rows, :, pos] = k.transpose(1, 2)
+        self.v[layer][rows, :, pos] = v.transpose(1, 2)
+        keys = torch.arange(self.max_len, device=k.device)
+        mask = keys[None, None, :] <= pos[:, :, None]  # (B, T, max_len): causal within the row
+        return self.k[layer], self.v[layer], mask[:, None]
+
+    def advance(self, n: int) -> None:
+        self.lengths += n
 
 
 class CausalSelfAttention(nn.Module):
@@ -30,34 +94,23 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, kv_cache: tuple | None = None):
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         hs = C // self.n_head
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)
-        if kv_cache is not None:
-            # Generation: append this step's keys/values to the cache of earlier positions.
-            past_k, past_v = kv_cache
-            if past_k is not None:
-                k = torch.cat([past_k, k], dim=2)
-                v = torch.cat([past_v, v], dim=2)
-            new_cache = (k, v)
-            # With a cache, the T new queries sit at the end of the key sequence.
-            Tk = k.size(2)
-            if T == 1:
-                y = F.scaled_dot_product_attention(q, k, v)
-            else:
-                mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:
-            new_cache = None
+        if cache is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
             )
+        else:
+            # Generation: attend to this row's cached positions and the new ones.
+            k, v, mask = cache.write(layer, k.to(cache.k[layer].dtype), v.to(cache.v[layer].dtype))
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.c_proj(y)), new_cache
+        return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
@@ -81,11 +134,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, kv_cache=None):
-        a, new_cache = self.attn(self.ln_1(x), kv_cache)
-        x = x + a
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
         x = x + self.mlp(self.ln_2(x))
-        return x, new_cache
+        return x
 
 
 class GPT(nn.Module):
@@ -131,33 +183,51 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None, pos0: int = 0
-    ):
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """One contract. With `targets` (B, T): the mean cross-entropy (ignore_index -1) and
+        nothing else, so no (B, T, vocab) tensor leaves the training forward (Accelerate's
+        mixed-precision wrapper upcasts every output to fp32: at 32 x 1024 x 32000 that was a
+        4.2 GB copy per micro-step). Without targets: the logits (B, T, V), or (B, 1, V) with
+        `last_only`. With a `cache`, idx holds each row's next tokens; positions continue from
+        `cache.lengths` and the cache advances by T.
+        """
         B, T = idx.shape
-        if pos0 + T > self.config.block_size:
-            raise ValueError(
-                f"sequence of {pos0 + T} tokens is longer than the model's context {self.config.block_size}"
-            )
-        pos = torch.arange(pos0, pos0 + T, dtype=torch.long, device=idx.device)
+        if cache is None:
+            if T > self.config.block_size:
+                raise ValueError(
+                    f"sequence of {T} tokens is longer than the model's context {self.config.block_size}"
+                )
+            pos = torch.arange(T, dtype=torch.long, device=idx.device)[None]  # (1, T)
+        else:
+            pos = cache.lengths[:, None] + torch.arange(T, device=idx.device)  # (B, T)
+            if int(pos.max()) >= self.config.block_size:
+                raise ValueError(
+                    f"sequence of {int(pos.max()) + 1} tokens is longer than the model's context "
+                    f"{self.config.block_size}"
+                )
         x = self.transformer.drop(
             self.transformer.wte(idx) + self.transformer.wpe(pos)
         )  # (B, T, C)
-        new_caches = []
         for i, block in enumerate(self.transformer.h):
-            x, c = block(x, None if kv_cache is None else kv_cache[i])
-            new_caches.append(c)
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.advance(T)
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, V)
-            # Cross-entropy in fp32 over the flattened logits; under torch.compile the upcast
-            # fuses into the softmax kernel rather than materialising a second (B*T, V) copy.
-            loss = F.cross_entropy(
+            # fp32 cross-entropy; under torch.compile the upcast fuses into the softmax kernel.
+            return F.cross_entropy(
                 logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
             )
-            return logits, loss
-        if kv_cache is not None:
-            return self.lm_head(x[:, -1:, :]), new_caches
-        return self.lm_head(x), None
+        if last_only:
+            x = x[:, -1:, :]
+        return self.lm_head(x)
 
     @torch.no_grad()
     def generate(
@@ -173,24 +243,23 @@ class GPT(nn.Module):
     ):
         """Yield one (B, 1) tensor of new token ids per step. temperature 0 is greedy decoding.
 
-        With the KV cache, each step feeds only the newest token; when the context fills up,
-        the cache is rebuilt from the last block_size tokens.
+        With the KV cache, each step feeds only the newest token. Once the context is full the
+        window slides: learned positions shift with it, so each further step refills the cache
+        from the last block_size tokens (the same result as no cache, at no-cache speed).
         """
         T = self.config.block_size
-        cache, n_cached = None, 0
+        cache = None
         for _ in range(max_new_tokens):
-            if use_cache and cache is not None and n_cached < T:
-                logits, cache = self(idx[:, -1:], kv_cache=cache, pos0=n_cached)
-                n_cached += 1
+            if not use_cache:
+                logits = self(idx[:, -T:], last_only=True)
+            elif cache is None or int(cache.lengths[0]) >= T:
+                cache = KVCache(
+                    self.config, idx.size(0), device=idx.device, dtype=self.lm_head.weight.dtype
+                )
+                logits = self(idx[:, -T:], cache=cache, last_only=True)
             else:
-                ctx = idx[:, -T:]  # once the context is full, the window slides (cache rebuilt)
-                if use_cache:
-                    logits, cache = self(ctx, kv_cache=[(None, None)] * self.config.n_layer)
-                    n_cached = ctx.size(1)
-                else:
-                    logits, _ = self(ctx)
-            logits = logits[:, -1, :].float()
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+                logits = self(idx[:, -1:], cache=cache)
+            nxt = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
             idx = torch.cat([idx, nxt], dim=1)
             yield nxt
             if eos_id is not None and bool((nxt == eos_id).all()):

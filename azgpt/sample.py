@@ -3,42 +3,12 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
-from .checkpoint import load_model
+from .checkpoint import checkpoint_tokenizer, load_model, pick_device
 from .errors import UserError
-from .tokenizer import EOT, load_tokenizer
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device; use auto, cpu or cuda.") from None
-
-
-def checkpoint_tokenizer(meta: dict, override: str | None, ckpt: Path):
-    """(tokenizer, its sha256): --tokenizer if given, else the one recorded in meta.json, which
-    must not have changed since training."""
-    from .tokenizer import sha256_file, tokenizer_path
-
-    path = override or meta.get("tokenizer_path")
-    if not path:
-        raise UserError(f"{ckpt}/meta.json names no tokenizer; pass --tokenizer DIR.")
-    tok = load_tokenizer(path)
-    sha = sha256_file(tokenizer_path(path))
-    want = meta.get("tokenizer_sha256")
-    if want and override is None and sha != want:
-        raise UserError(
-            f"tokenizer {path} changed since {ckpt} was trained; pass the right one with --tokenizer."
-        )
-    return tok, sha
+from .tokenizer import EOT
 
 
 def run_sample(
@@ -63,7 +33,7 @@ def run_sample(
     dev = pick_device(device)
     model, meta = load_model(ckpt, dev)
     model.eval()
-    tok, _ = checkpoint_tokenizer(meta, tokenizer, Path(ckpt))
+    tok, _, _ = checkpoint_tokenizer(ckpt, meta, tokenizer)
     eot = tok.token_to_id(EOT)
     ids = tok.encode(prompt, add_special_tokens=False).ids if prompt else []
     ids = ([eot] + ids)[-model.config.block_size :]

@@ -312,7 +312,7 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
                 tc.seed, tc.eval_iters, tc.batch_size, rank, world, device
             ):
                 with accelerator.autocast():
-                    _, loss = raw_model(x, y)
+                    loss = raw_model(x, y)
                 n = y.numel()
                 tot[0] += loss.double() * n
                 tot[1] += n
@@ -419,7 +419,7 @@ def _train(cfg, resume, accelerator, device, rank, world, main, mp) -> TrainResu
     def run_micro(step, micro):
         x, y = data.get_batch(tc.seed, step, micro, tc.batch_size, rank, world, device)
         with accelerator.accumulate(model):
-            _, loss = fwd(x, y)
+            loss = fwd(x, y)
             accelerator.backward(loss)
             skipped = False
             if accelerator.sync_gradients and (tc.grad_clip > 0 or skip_nonfinite):

@@ -44,7 +44,7 @@ def test_bpb_equals_hand_computation(tok, tmp_path):
     res = eval_texts(m, tok, [str(f)], batch_size=2)
     ids = [tok.token_to_id(EOT)] + encode(tok, doc)
     with torch.no_grad():
-        logits, _ = m(torch.tensor([ids[:-1]]))
+        logits = m(torch.tensor([ids[:-1]]))
     lp = F.log_softmax(logits[0], dim=-1)
     nll = -sum(lp[i, ids[i + 1]].item() for i in range(len(ids) - 1))
     assert res["tokens"] == len(ids) - 1
@@ -107,7 +107,7 @@ def test_eval_tokens_scores_every_token_after_the_first(tok, tmp_path):
     with torch.no_grad():
         for i in range(0, len(ids) - 1, 16):  # consecutive windows of 16 targets
             w = ids[i : i + 17]
-            logits, _ = m(torch.tensor([w[:-1]]))
+            logits = m(torch.tensor([w[:-1]]))
             nll += F.cross_entropy(logits[0], torch.tensor(w[1:]), reduction="sum").item()
     nbytes = int(token_byte_lengths(tok)[ids[1:]].sum())
     assert res["tokens"] == len(ids) - 1 and res["bytes"] == nbytes and res["documents"] == 1

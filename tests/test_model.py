@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from azgpt.config import load_config
-from azgpt.model import GPT, GPTConfig, sample_next
+from azgpt.model import GPT, GPTConfig, KVCache, sample_next
 
 
 def small(**kw):
@@ -19,8 +19,8 @@ def test_causality_future_tokens_do_not_change_past_logits():
     x = torch.randint(0, 97, (2, 16))
     y = x.clone()
     y[:, 10:] = torch.randint(0, 97, (2, 6))
-    a, _ = m(x)
-    b, _ = m(y)
+    a = m(x)
+    b = m(y)
     assert torch.allclose(a[:, :10], b[:, :10], atol=1e-6)
     assert not torch.allclose(a[:, 10:], b[:, 10:])
 
@@ -29,7 +29,7 @@ def test_initial_loss_is_near_uniform():
     m = small(vocab_size=1000)
     x = torch.randint(0, 1000, (8, 16))
     y = torch.randint(0, 1000, (8, 16))
-    _, loss = m(x, y)
+    loss = m(x, y)
     assert abs(loss.item() - math.log(1000)) < 0.1
 
 
@@ -39,7 +39,7 @@ def test_tiny_model_overfits_one_batch():
     y = torch.randint(0, 97, (4, 16))
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     for _ in range(150):
-        _, loss = m(x, y)
+        loss = m(x, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -93,3 +93,33 @@ def test_gpt100m_config_has_about_110m_parameters():
     n = m.num_params()
     print(f"gpt100m parameters: {n:,}")
     assert 105_000_000 < n < 115_000_000
+
+
+def test_forward_contract_loss_alone_with_targets_logits_without():
+    m = small()
+    x = torch.randint(0, 97, (2, 8))
+    loss = m(x, x)
+    assert isinstance(loss, torch.Tensor) and loss.dim() == 0
+    logits = m(x)
+    assert logits.shape == (2, 8, 97)
+    torch.testing.assert_close(m(x, last_only=True), logits[:, -1:])  # matmul blocking differs
+
+
+def test_batched_cache_rows_at_different_lengths_match_single_sequences():
+    """One cache holding two sequences of different lengths (as a server batches requests that
+    started at different times) gives each row the logits it gets alone without a cache."""
+    m = small()
+    a = torch.randint(0, 97, (1, 5))
+    b = torch.randint(0, 97, (1, 9))
+    batch = KVCache(m.config, 2)
+    for row, seq in enumerate([a, b]):
+        alone = KVCache(m.config, 1)
+        m(seq, cache=alone)
+        batch.copy_row(alone, 0, row)
+    assert batch.lengths.tolist() == [5, 9]
+    nxt = torch.randint(0, 97, (2, 1))
+    got = m(nxt, cache=batch)  # (2, 1, V), each row at its own position
+    for row, seq in enumerate([a, b]):
+        want = m(torch.cat([seq, nxt[row : row + 1]], dim=1))[:, -1]
+        torch.testing.assert_close(got[row], want, atol=1e-5, rtol=1e-5)
+    assert batch.lengths.tolist() == [6, 10]
