@@ -61,6 +61,25 @@ def cmd_clean(a) -> int:
     return 0
 
 
+def cmd_crawl(a) -> int:
+    from .crawl import CrawlOptions, run_crawl
+
+    opts = CrawlOptions(
+        max_pages=a.max_pages,
+        delay=a.delay,
+        same_site=a.same_site,
+        depth=a.depth,
+        timeout=a.timeout,
+        max_bytes=a.max_bytes,
+        contact=a.contact,
+        shard_pages=a.shard_pages,
+    )
+    report = run_crawl(a.urls, a.out, opts)
+    print(report.format())
+    print(f"shards in {a.out} (rerun the same command to resume)")
+    return 0
+
+
 def cmd_tokenizer_train(a) -> int:
     import time
     from collections import Counter
@@ -193,6 +212,21 @@ def cmd_eval(a) -> int:
 
 
 def cmd_export(a) -> int:
+    if a.format == "gguf":
+        from .export_gguf import export_gguf
+
+        path, mf = export_gguf(
+            a.ckpt,
+            a.out,
+            quant=a.quant or "f16",
+            tokenizer=a.tokenizer,
+            modelfile=a.modelfile,
+            force=a.force,
+        )
+        print(f"exported a {a.quant or 'f16'} GGUF for llama.cpp to {path}; Ollama: {mf}")
+        return 0
+    if a.quant or a.modelfile:
+        raise UserError("--quant and --modelfile apply to --format gguf only; add --format gguf.")
     from .export import export_hf
 
     path = export_hf(a.ckpt, a.out, tokenizer=a.tokenizer, force=a.force)
@@ -252,13 +286,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(fn=cmd_clean)
 
+    cr = sub.add_parser("crawl", help="fetch web pages politely into JSONL shards for clean")
+    cr.add_argument("urls", help="text file with one seed URL per line")
+    cr.add_argument("--out", required=True, help="folder for the shards and the crawl state")
+    cr.add_argument("--max-pages", type=_positive_int("--max-pages"), default=1000)
+    cr.add_argument(
+        "--delay", type=float, default=1.0, help="seconds between requests to one host (default 1)"
+    )
+    cr.add_argument("--same-site", action="store_true", help="follow links only on seed sites")
+    cr.add_argument("--depth", type=int, default=2, help="link steps from a seed (default 2)")
+    cr.add_argument("--timeout", type=float, default=20.0, help="seconds per response")
+    cr.add_argument(
+        "--max-bytes", type=_positive_int("--max-bytes"), default=5_000_000, help="page size cap"
+    )
+    cr.add_argument("--contact", help="e-mail or URL for site owners, sent in the User-Agent")
+    cr.add_argument("--shard-pages", type=_positive_int("--shard-pages"), default=1000)
+    cr.set_defaults(fn=cmd_crawl)
+
     t = sub.add_parser("tokenizer", help="train or inspect the BPE tokenizer")
     tsub = t.add_subparsers(dest="tcommand", required=True, parser_class=_Parser)
     tt = tsub.add_parser("train", help="train a byte-level BPE tokenizer")
     tt.add_argument("inputs", nargs="+")
     tt.add_argument("--out", required=True, help="output folder for tokenizer.json")
     tt.add_argument("--vocab-size", type=_positive_int("--vocab-size"), default=32000)
-    tt.add_argument("--pretokenizer", default="az", help="az (default), gpt2 or gpt4")
+    tt.add_argument(
+        "--pretokenizer",
+        default="gpt4",
+        help="gpt4 (default; llama.cpp's llama-bpe, needed for GGUF export), az or gpt2",
+    )
     tt.add_argument("--min-frequency", type=_positive_int("--min-frequency"), default=2)
     tt.add_argument("--text-field", default="text")
     tt.set_defaults(fn=cmd_tokenizer_train)
@@ -326,13 +381,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
 
-    x = sub.add_parser("export", help="export to a Hugging Face transformers folder")
+    x = sub.add_parser(
+        "export", help="export to a transformers folder or a GGUF file (llama.cpp, Ollama)"
+    )
     x.add_argument("--ckpt", required=True)
-    x.add_argument("--out", required=True)
+    x.add_argument("--out", required=True, help="folder (hf) or file such as model.gguf (gguf)")
+    x.add_argument("--format", choices=("hf", "gguf"), default="hf", help="hf (default) or gguf")
+    x.add_argument(
+        "--quant",
+        choices=("f32", "f16", "q8_0", "q4_0", "q4_k_m"),
+        help="GGUF weight type (default f16; q4_k_m needs llama-cpp-python)",
+    )
+    x.add_argument(
+        "--modelfile", help="Ollama Modelfile to write (default: Modelfile beside --out)"
+    )
     x.add_argument(
         "--tokenizer", help="tokenizer folder (default: the one recorded in the checkpoint)"
     )
-    x.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    x.add_argument("--force", action="store_true", help="overwrite an existing output")
     x.set_defaults(fn=cmd_export)
 
     r = sub.add_parser("report", help="a markdown report with plots from a run folder")
