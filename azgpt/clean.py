@@ -1,8 +1,8 @@
-"""`azgpt clean`: stream documents through the text repairs, dedup and the language filter."""
+"""`azgpt clean`: stream documents through the boilerplate-line filter, the text repairs, the
+language filter, exact and near-duplicate removal."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections import Counter
@@ -10,7 +10,16 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .corpus import batched, discover, iter_corpus, ordered_map, worker_context
+from .corpus import (
+    batched,
+    discover,
+    is_jsonl,
+    is_parquet,
+    iter_sourced,
+    ordered_map,
+    worker_context,
+)
+from .dedup import NEAR_DUP_THRESHOLD, ExactDedup, LineFilter, NearDedup, Signer
 from .errors import UserError, atomic_path
 from .text import CleanOptions, clean_document, language_verdict
 
@@ -28,6 +37,10 @@ class CleanReport:
     """Documents dropped, by reason."""
     input: Counter = field(default_factory=Counter)
     """Problems met while reading (invalid UTF-8 lines, bad JSON lines, ...)."""
+    boilerplate_lines: int = 0
+    """Lines removed as boilerplate repeated across the documents of one site."""
+    near_dedup: dict | None = None
+    """The near-duplicate settings (threshold, permutations, shingle size, bands x rows)."""
 
     def to_dict(self) -> dict:
         return {
@@ -40,6 +53,8 @@ class CleanReport:
             "repairs": dict(sorted(self.repairs.items())),
             "dropped": dict(sorted(self.dropped.items())),
             "input": dict(sorted(self.input.items())),
+            "boilerplate_lines_removed": self.boilerplate_lines,
+            "near_dedup": self.near_dedup,
         }
 
     def format(self) -> str:
@@ -54,6 +69,8 @@ class CleanReport:
         ):
             if c:
                 lines.append(f"{title}: " + ", ".join(f"{k}={v:,}" for k, v in sorted(c.items())))
+        if self.boilerplate_lines:
+            lines.append(f"boilerplate lines removed: {self.boilerplate_lines:,}")
         return "\n".join(lines)
 
 
@@ -62,17 +79,20 @@ class _Job:
     opts: CleanOptions
     min_az_share: float
     filter: bool
+    signer: Signer | None = None
 
-    def __call__(self, docs: list[str]) -> list[tuple[str, Counter, str | None, int]]:
+    def __call__(self, docs: list[tuple[str, int]]) -> list[tuple]:
+        """(text, rule counts, drop reason, input bytes, MinHash signature or None) per document."""
         out = []
-        for d in docs:
+        for d, nbytes in docs:
             text, stats = clean_document(d, self.opts)
             reason = None
             if not text:
                 reason = "empty_after_cleaning"
             elif self.filter:
                 reason = language_verdict(text, self.min_az_share)
-            out.append((text, stats, reason, len(d.encode("utf-8"))))
+            sig = self.signer.sign(text) if self.signer is not None and reason is None else None
+            out.append((text, stats, reason, nbytes, sig))
         return out
 
 
@@ -85,45 +105,51 @@ def run_clean(
     filter: bool = True,
     min_az_share: float = 0.03,
     dedup: bool = True,
+    near_dedup: bool = True,
+    near_dup_threshold: float = NEAR_DUP_THRESHOLD,
+    line_filter: bool = True,
     workers: int = 1,
     batch_docs: int = 256,
 ) -> CleanReport:
     """Clean `inputs` into one file `out` (documents separated by blank lines, input order).
 
     With `filter=False` every input document gives one output document (possibly empty lines
-    removed), so repairs can be checked line by line; dedup is then off too.
+    removed), so repairs can be checked line by line; dedup, near-dedup and the boilerplate-line
+    filter are then off too. `dedup=False` turns near-dedup off as well.
     """
     if not 0.0 <= min_az_share <= 1.0:
         raise UserError(f"--min-az-share must be in [0, 1], got {min_az_share}.")
     files = discover(inputs)
     report = CleanReport()
-    job = _Job(CleanOptions(cyrillic_to_latin=cyrillic_to_latin), min_az_share, filter)
-    # Exact dedup keeps one 64-bit digest per unique document (~60 bytes of RAM each, so ~1.2 GB
-    # for 20M documents); the chance of any false duplicate among 20M is about 1e-5.
-    seen: set[int] = set()
+    exact = ExactDedup() if filter and dedup else None
+    near = NearDedup(near_dup_threshold) if filter and dedup and near_dedup else None
+    if near is not None:
+        report.near_dedup = near.settings()
+    job = _Job(
+        CleanOptions(cyrillic_to_latin=cyrillic_to_latin),
+        min_az_share,
+        filter,
+        Signer() if near is not None else None,
+    )
+    lines = _count_site_lines(files, text_field) if filter and line_filter else None
     t0 = time.perf_counter()
     pool = ProcessPoolExecutor(workers, mp_context=worker_context()) if workers > 1 else None
     try:
         with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            docs = iter_corpus(files, report.input, text_field)
+            docs = _documents(files, report, text_field, lines)
             first = True
             for results in ordered_map(
                 job, batched(docs, batch_docs), pool, window=4 * max(1, workers)
             ):
-                for text, stats, reason, nbytes in results:
+                for text, stats, reason, nbytes, sig in results:
                     report.documents_in += 1
                     report.bytes_in += nbytes
                     report.repairs.update(stats)
                     if filter:
-                        if reason is None and dedup:
-                            h = int.from_bytes(
-                                hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(),
-                                "little",
-                            )
-                            if h in seen:
-                                reason = "duplicate"
-                            else:
-                                seen.add(h)
+                        if reason is None and exact is not None and exact.is_duplicate(text):
+                            reason = "duplicate"
+                        if reason is None and near is not None and near.is_duplicate(sig):
+                            reason = "near_duplicate"
                         if reason is not None:
                             report.dropped[reason] += 1
                             continue
@@ -146,6 +172,31 @@ def run_clean(
             pool.shutdown(cancel_futures=True)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _count_site_lines(files: list[Path], text_field: str) -> LineFilter | None:
+    """First pass over the inputs that can name a site (JSONL, Parquet): count short lines per
+    site. None when no document has a URL."""
+    lf = LineFilter()
+    for text, site in iter_sourced(
+        [p for p in files if is_jsonl(p) or is_parquet(p)], Counter(), text_field
+    ):
+        if site is not None:
+            lf.observe(site, text)
+    if not lf.is_active():
+        return None
+    lf.finish()
+    return lf
+
+
+def _documents(files, report: CleanReport, text_field: str, lines: LineFilter | None):
+    """(raw document, its input bytes), boilerplate lines of its site already removed."""
+    for text, site in iter_sourced(files, report.input, text_field):
+        nbytes = len(text.encode("utf-8"))
+        if lines is not None and site is not None:
+            text, removed = lines.apply(site, text)
+            report.boilerplate_lines += removed
+        yield text, nbytes
 
 
 def write_report(report: CleanReport, path: str | Path) -> None:

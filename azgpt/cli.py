@@ -51,6 +51,9 @@ def cmd_clean(a) -> int:
         filter=not a.no_filter,
         min_az_share=a.min_az_share,
         dedup=not a.no_dedup,
+        near_dedup=not a.no_near_dedup,
+        near_dup_threshold=a.near_dup_threshold,
+        line_filter=not a.no_line_filter,
         workers=a.workers or default_workers(),
     )
     print(report.format())
@@ -255,7 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     c = sub.add_parser("clean", help="repair and filter raw Azerbaijani text")
-    c.add_argument("inputs", nargs="+", help="files or folders of .txt, .txt.gz, .jsonl, .jsonl.gz")
+    c.add_argument(
+        "inputs",
+        nargs="+",
+        help="files or folders of .txt(.gz), .jsonl(.gz), .parquet, MediaWiki .xml(.bz2) dumps",
+    )
     c.add_argument(
         "--out", required=True, help="output text file (documents separated by blank lines)"
     )
@@ -270,7 +277,23 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep every document (no language filter, no dedup)",
     )
-    c.add_argument("--no-dedup", action="store_true", help="keep exact duplicate documents")
+    c.add_argument(
+        "--no-dedup", action="store_true", help="keep duplicate documents (exact and near)"
+    )
+    c.add_argument(
+        "--no-near-dedup", action="store_true", help="remove exact duplicates only (no MinHash)"
+    )
+    c.add_argument(
+        "--near-dup-threshold",
+        type=float,
+        default=0.8,
+        help="Jaccard similarity of word 5-grams from which a document is a near-duplicate (0.8)",
+    )
+    c.add_argument(
+        "--no-line-filter",
+        action="store_true",
+        help="keep lines repeated across many documents of one site (JSONL/Parquet with url)",
+    )
     c.add_argument(
         "--min-az-share",
         type=float,

@@ -1,22 +1,37 @@
-"""Reading corpora: files or folders of .txt / .txt.gz / .jsonl / .jsonl.gz, streamed document by
-document. Text files hold documents separated by blank lines; JSONL files hold one document per
-line in a text field. Partly bad input (bytes that are not UTF-8, lines that are not JSON) is
-repaired or skipped and counted; wholly bad input is a UserError.
+"""Reading corpora: files or folders of .txt / .txt.gz / .jsonl / .jsonl.gz, Parquet and MediaWiki
+XML dumps (.xml / .xml.bz2), streamed document by document. Text files hold documents separated
+by blank lines; JSONL files hold one document per line in a text field, Parquet files one per row
+in a text column (read row group by row group); a dump gives one document per article. Partly bad
+input (bytes that are not UTF-8, lines that are not JSON) is repaired or skipped and counted;
+wholly bad input is a UserError.
 """
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .errors import UserError
 
-SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".text")
+SUFFIXES = (
+    ".txt",
+    ".txt.gz",
+    ".jsonl",
+    ".jsonl.gz",
+    ".text",
+    ".parquet",
+    ".xml",
+    ".xml.bz2",
+)
+BINARY_SUFFIXES = (".parquet", ".xml.bz2")
 
 
 def _supported(p: Path) -> bool:
@@ -34,7 +49,8 @@ def discover(paths: Iterable[str | Path]) -> list[Path]:
             found = sorted(q for q in p.rglob("*") if q.is_file() and _supported(q))
             if not found:
                 raise UserError(
-                    f"folder {p} holds no .txt, .txt.gz, .jsonl or .jsonl.gz files; point at a folder with corpus files."
+                    f"folder {p} holds no .txt, .txt.gz, .jsonl, .jsonl.gz, .parquet or .xml(.bz2) "
+                    "files; point at a folder with corpus files."
                 )
             out.extend(found)
         else:
@@ -47,25 +63,45 @@ def discover(paths: Iterable[str | Path]) -> list[Path]:
 def _open_binary(p: Path):
     if p.name.endswith(".gz"):
         return gzip.open(p, "rb")
+    if p.name.endswith(".bz2"):
+        return bz2.open(p, "rb")
     return open(p, "rb")
+
+
+def is_parquet(p: Path) -> bool:
+    return p.name.endswith(".parquet")
+
+
+def is_wiki_dump(p: Path) -> bool:
+    return p.name.endswith((".xml", ".xml.bz2"))
 
 
 def _check_file(p: Path) -> None:
     try:
         if p.stat().st_size == 0:
             raise UserError(f"input {p} is empty; give a file that holds text.")
+        if is_parquet(p):
+            with open(p, "rb") as f:
+                if f.read(4) != b"PAR1":
+                    raise UserError(f"input {p} is not a Parquet file; check the file.")
+            return
         with _open_binary(p) as f:
             head = f.read(8192)
     except UserError:
         raise
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise UserError(
-            f"cannot read input {p} ({e}); check that it is a readable text or .gz file."
+            f"cannot read input {p} ({e}); check that it is a readable text, .gz or .bz2 file."
         ) from None
     if not head.strip():
         raise UserError(f"input {p} is empty; give a file that holds text.")
     if b"\x00" in head:
         raise UserError(f"input {p} is a binary file, not text; give UTF-8 .txt or .jsonl files.")
+    if is_wiki_dump(p) and b"<mediawiki" not in head:
+        raise UserError(
+            f"input {p} is not a MediaWiki XML dump (no <mediawiki> element at its start); "
+            "give a *-pages-articles*.xml.bz2 file."
+        )
 
 
 def _decode(line: bytes, stats: Counter) -> str:
@@ -84,13 +120,33 @@ def iter_documents(
     p: Path, stats: Counter, text_field: str = "text", line_docs: bool = False
 ) -> Iterator[str]:
     """Yield the raw documents of one file, in order. Memory holds one document at a time."""
+    for text, _ in iter_sourced_documents(p, stats, text_field, line_docs):
+        yield text
+
+
+def iter_sourced_documents(
+    p: Path, stats: Counter, text_field: str = "text", line_docs: bool = False
+) -> Iterator[tuple[str, str | None]]:
+    """Yield (document, site) for one file: the site is the host of the record's `url` field
+    (JSONL, Parquet: crawled pages), None where the input has no URLs."""
+    if is_parquet(p):
+        yield from _iter_parquet(p, stats, text_field)
+        return
     try:
         with _open_binary(p) as f:
             if is_jsonl(p):
                 yield from _iter_jsonl(p, f, stats, text_field)
+            elif is_wiki_dump(p):
+                for text in _iter_mediawiki(p, f, stats):
+                    yield text, None
             else:
-                yield from _iter_txt(f, stats, line_docs)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+                for text in _iter_txt(f, stats, line_docs):
+                    yield text, None
+    except EOFError:
+        raise UserError(
+            f"input {p} ends in the middle (truncated); download or copy it again."
+        ) from None
+    except (OSError, gzip.BadGzipFile) as e:
         raise UserError(f"cannot read input {p} ({e}); check the file.") from None
 
 
@@ -126,11 +182,208 @@ def _iter_jsonl(p: Path, f, stats: Counter, text_field: str) -> Iterator[str]:
             stats["missing_text_field"] += 1
             continue
         good += 1
-        yield text
+        yield text, _site(obj.get("url"))
     if good == 0:
         raise UserError(
             f"no line of {p} has a string field {text_field!r}; choose the field with --text-field."
         )
+
+
+def _site(url) -> str | None:
+    if not isinstance(url, str):
+        return None
+    try:
+        host = (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return None
+    return (host[4:] if host.startswith("www.") else host) or None
+
+
+def _need(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(
+            f"reading this input needs {module.split('.')[0]}, which is not installed; "
+            "run `pip install azgpt[crawl]`."
+        ) from None
+
+
+# ----------------------------------------------------------------------------- Parquet
+
+
+def _iter_parquet(p: Path, stats: Counter, text_field: str) -> Iterator[tuple[str, str | None]]:
+    """Rows of one Parquet file, row group by row group (memory: one row group's columns)."""
+    pa = _need("pyarrow")
+    pq = _need("pyarrow.parquet")
+    try:
+        pf = pq.ParquetFile(p)
+        schema = pf.schema_arrow
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"cannot read Parquet file {p} ({e}); check the file.") from None
+
+    def is_text(t) -> bool:
+        if pa.types.is_dictionary(t):
+            t = t.value_type
+        return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+    if text_field not in schema.names:
+        raise UserError(
+            f"Parquet file {p} has no column {text_field!r} (its columns: "
+            f"{', '.join(schema.names) or 'none'}); choose the text column with --text-field."
+        )
+    if not is_text(schema.field(text_field).type):
+        raise UserError(
+            f"column {text_field!r} of Parquet file {p} holds {schema.field(text_field).type}, not "
+            "text; choose the text column with --text-field."
+        )
+    cols = [text_field]
+    if text_field != "url" and "url" in schema.names and is_text(schema.field("url").type):
+        cols.append("url")
+    try:
+        for i in range(pf.num_row_groups):
+            table = pf.read_row_group(i, columns=cols)
+            texts = table.column(text_field).to_pylist()
+            urls = table.column("url").to_pylist() if len(cols) > 1 else [None] * len(texts)
+            del table
+            for text, url in zip(texts, urls):
+                if text is None:
+                    stats["missing_text_field"] += 1
+                    continue
+                yield text, _site(url)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"cannot read Parquet file {p} ({e}); check the file.") from None
+
+
+# ----------------------------------------------------------------------------- MediaWiki dumps
+
+# Canonical (English) names of the file and category namespaces; the dump's own <siteinfo> adds
+# the local ones (Azerbaijani Wikipedia: Fayl, Kateqoriya; older pages also write Şəkil).
+_FILE_CATEGORY_NS = {"file", "image", "media", "category", "şəkil"}
+# Interlanguage links ([[en:Baku]]) and other prefixed links whose label is not prose.
+_INTERWIKI = re.compile(r"^:?[a-z]{2,3}(-[a-z]+)*:")
+_MAGIC = re.compile(r"__[A-ZÇƏĞIİÖŞÜ]+__")
+# Tags whose contents are not running prose (tables, references, galleries, math, code).
+_DROP_TAGS = {
+    "table",
+    "ref",
+    "references",
+    "gallery",
+    "imagemap",
+    "math",
+    "chem",
+    "score",
+    "timeline",
+    "syntaxhighlight",
+    "source",
+    "pre",
+    "templatedata",
+    "graph",
+    "mapframe",
+    "maplink",
+}
+
+
+def wikitext_to_text(wikitext: str, drop_namespaces: set[str] | frozenset = frozenset()) -> str:
+    """Plain text of an article's wikitext: templates, tables, references, file and category
+    links, interlanguage links and behaviour switches dropped; link labels and headings kept."""
+    mwp = _need("mwparserfromhell")
+    code = mwp.parse(wikitext)
+    drop_ns = _FILE_CATEGORY_NS | {n.lower() for n in drop_namespaces}
+    doomed = []
+    for node in code.ifilter(recursive=True):
+        if isinstance(node, mwp.nodes.Template):
+            doomed.append(node)
+        elif isinstance(node, mwp.nodes.Tag) and str(node.tag).strip().lower() in _DROP_TAGS:
+            doomed.append(node)
+        elif isinstance(node, mwp.nodes.Wikilink):
+            title = str(node.title).strip()
+            prefix = title.lstrip(":").split(":", 1)[0].strip().lower() if ":" in title else None
+            if prefix is not None and (prefix in drop_ns or _INTERWIKI.match(title)):
+                doomed.append(node)
+    for node in doomed:
+        try:
+            code.remove(node)
+        except ValueError:  # already gone with an enclosing node
+            pass
+    text = code.strip_code(normalize=True, collapse=True)
+    text = _MAGIC.sub("", text)
+    lines = (line.strip() for line in text.split("\n"))
+    return "\n".join(line for line in lines if line)
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _iter_mediawiki(p: Path, f, stats: Counter) -> Iterator[str]:
+    """Articles of a MediaWiki XML dump: namespace 0, redirects skipped, one page in memory."""
+    import xml.etree.ElementTree as ET
+
+    _need("mwparserfromhell")
+    drop_ns: set[str] = set()
+    root = None
+    articles = 0
+    try:
+        for event, elem in ET.iterparse(f, events=("start", "end")):
+            if root is None:
+                root = elem
+                if _local(elem.tag) != "mediawiki":
+                    raise UserError(
+                        f"input {p} is not a MediaWiki XML dump (its root is <{_local(elem.tag)}>); "
+                        "give a *-pages-articles*.xml.bz2 file."
+                    )
+                continue
+            if event != "end":
+                continue
+            tag = _local(elem.tag)
+            if tag == "namespace" and elem.get("key") in ("6", "14") and elem.text:
+                drop_ns.add(elem.text.strip())
+            elif tag == "page":
+                text = _page_text(elem, stats)
+                root.clear()
+                if text is None:
+                    continue
+                text = wikitext_to_text(text, drop_ns)
+                if not text:
+                    stats["wiki_empty_after_markup"] += 1
+                    continue
+                articles += 1
+                yield text
+    except ET.ParseError as e:
+        raise UserError(
+            f"input {p} is not well-formed MediaWiki XML ({e}); the dump may be truncated, "
+            "download it again."
+        ) from None
+    if articles == 0:
+        raise UserError(
+            f"input {p} holds no articles (namespace 0 pages that are not redirects); "
+            "give a *-pages-articles*.xml.bz2 dump."
+        )
+
+
+def _page_text(page, stats: Counter) -> str | None:
+    ns = text = None
+    redirect = False
+    for child in page:
+        tag = _local(child.tag)
+        if tag == "ns":
+            ns = (child.text or "").strip()
+        elif tag == "redirect":
+            redirect = True
+        elif tag == "revision":
+            for c in child:
+                if _local(c.tag) == "text":
+                    text = c.text or ""
+    if ns != "0":
+        stats["wiki_other_namespace"] += 1
+        return None
+    if redirect or (text or "").lstrip().lower().startswith("#redirect"):
+        stats["wiki_redirects"] += 1
+        return None
+    return text
 
 
 def iter_corpus(
@@ -138,6 +391,13 @@ def iter_corpus(
 ) -> Iterator[str]:
     for p in files:
         yield from iter_documents(p, stats, text_field, line_docs)
+
+
+def iter_sourced(
+    files: list[Path], stats: Counter, text_field: str = "text"
+) -> Iterator[tuple[str, str | None]]:
+    for p in files:
+        yield from iter_sourced_documents(p, stats, text_field)
 
 
 def batched(it: Iterable, n: int) -> Iterator[list]:
