@@ -164,31 +164,89 @@ def checkpoint_tokenizer(ckpt: str | Path, meta: dict, override: str | None = No
 # ----------------------------------------------------------------------------- optimizer state
 
 
-def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state_dict into tensors (for safetensors) and plain JSON."""
-    sd = opt.state_dict()
+# AdamW's implementation switches: they describe this machine, not the training state, so they
+# are neither saved nor restored (a CPU checkpoint resumed on a GPU uses the fused kernel).
+_IMPL_KEYS = ("foreach", "fused", "capturable", "differentiable", "params")
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """(tensors, info): the full optimizer state keyed by parameter name, for safetensors + JSON.
+
+    Works for one process, DDP and FSDP alike (`torch.distributed.checkpoint.state_dict`
+    gathers FSDP shards into full tensors); under FSDP it is a collective, so every rank calls
+    it, and only rank 0 receives the tensors."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    osd = get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
+    for name, st in osd.get("state", {}).items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"state.{pid}.{k}"] = v.detach().contiguous().cpu()
+                tensors[f"optim.{name}.{k}"] = v.detach().contiguous().cpu()
             else:
-                scalars[f"{pid}.{k}"] = v
-    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars}
+                scalars[f"{name}.{k}"] = v
+    groups = [
+        {
+            **{
+                k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in g.items()
+                if k not in _IMPL_KEYS
+            },
+            "param_names": list(g["params"]),
+        }
+        for g in osd.get("param_groups", [])
+    ]
+    return tensors, {"format": "named", "param_groups": groups, "scalars": scalars}
 
 
-def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, info: dict) -> None:
+def restore_optimizer_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: dict, info: dict
+) -> None:
+    """Load what `optimizer_state` saved into a (possibly wrapped or sharded) model's optimizer;
+    every rank passes the full state and FSDP keeps its own shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
     state: dict = {}
-    for name, t in tensors.items():
-        if not name.startswith("state."):
-            continue
-        _, pid, k = name.split(".", 2)
-        state.setdefault(int(pid), {})[k] = t
-    for name, v in info.get("scalars", {}).items():
-        pid, k = name.split(".", 1)
-        state.setdefault(int(pid), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+    for key, t in tensors.items():
+        if key.startswith("optim."):
+            name, k = key[len("optim.") :].rsplit(".", 1)
+            state.setdefault(name, {})[k] = t
+    for key, v in info.get("scalars", {}).items():
+        name, k = key.rsplit(".", 1)
+        state.setdefault(name, {})[k] = v
+    current = optimizer.param_groups
+    saved = info.get("param_groups", [])
+    if len(saved) != len(current):
+        raise UserError(
+            f"the checkpoint's optimizer has {len(saved)} parameter groups but this run has "
+            f"{len(current)}; resume with the config the run was trained with."
+        )
+    groups = []
+    for g, cur in zip(saved, current):
+        g = dict(g)
+        names = g.pop("param_names")
+        g.update({k: cur[k] for k in _IMPL_KEYS if k in cur and k != "params"})
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append({**g, "params": names})
+    set_optimizer_state_dict(
+        model,
+        optimizer,
+        {"state": state, "param_groups": groups},
+        options=StateDictOptions(full_state_dict=True),
+    )
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full (gathered) weights of a possibly sharded model; a collective under FSDP, every
+    rank calls it and rank 0 receives the tensors."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
 
 
 # ----------------------------------------------------------------------------- run folders
@@ -284,7 +342,7 @@ def save_checkpoint(
     out_dir: Path,
     step: int,
     model: GPT,
-    optimizer: torch.optim.Optimizer | None,
+    optimizer: tuple[dict, dict],
     meta: dict,
     trainer_state: dict,
     extra_tensors: dict[str, torch.Tensor] | None = None,
@@ -306,8 +364,8 @@ def save_checkpoint(
         slow = os.environ.get("AZGPT_FAULT_SLOW_SAVE")
         if slow:  # fault-injection point for tests: widens the mid-write window
             time.sleep(float(slow))
-        tensors, opt_info = optimizer_tensors(optimizer) if optimizer is not None else ({}, {})
-        tensors.update(extra_tensors or {})
+        tensors, opt_info = optimizer
+        tensors = {**tensors, **(extra_tensors or {})}
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "trainer_state.json").write_text(
             json.dumps({**trainer_state, "optimizer": opt_info}) + "\n"
@@ -321,15 +379,17 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(out_dir)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        # safetensors reports a full disk as SafetensorError("... No space left on device").
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e):
             raise UserError(
                 f"the disk filled up while writing checkpoint {final}; the previous checkpoint is intact. "
                 "Free some space and rerun with --resume."
             ) from None
+        why = getattr(e, "strerror", None) or str(e).splitlines()[0][:80]
         raise UserError(
-            f"cannot write checkpoint {final} ({e.strerror}); the previous checkpoint is intact."
+            f"cannot write checkpoint {final} ({why}); the previous checkpoint is intact."
         ) from None
     _point(out_dir, "last", final)
     if is_best:

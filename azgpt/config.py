@@ -95,7 +95,8 @@ class TrainConfig:
     log_interval: int = 10
     """Steps between reading the loss back from the device (a sync) and logging it."""
     mixed_precision: str = "auto"
-    """'auto' (bf16 on capable CUDA, else no), 'bf16', 'fp16' or 'no'."""
+    """'auto' (bf16 on CUDA cards with native bf16, compute capability 8.0+; fp16 with loss
+    scaling on older cards such as T4 and V100; no on CPU), 'bf16', 'fp16' or 'no'."""
     compile: str = "auto"
     """torch.compile: 'auto' (on for CUDA, off on CPU), 'on', 'off', or a mode ('reduce-overhead', 'max-autotune')."""
     stop_at: int = 0
@@ -109,6 +110,9 @@ class TrainConfig:
     """Prompt sampled at each evaluation."""
     sample_tokens: int = 32
     """Tokens sampled at each evaluation (0 disables)."""
+    early_stop_patience: int = 0
+    """Stop after this many evaluations in a row without a better validation loss (0: never);
+    `best` keeps the best checkpoint."""
     nan_policy: str = "stop"
     """On a non-finite loss: 'stop' (keep the last good checkpoint) or 'skip' the step."""
     tensorboard: bool = False
@@ -121,7 +125,14 @@ class TrainConfig:
             v = getattr(self, name)
             if v <= 0:
                 raise ConfigError(f"train.{name} must be a positive integer, got {v}.")
-        for name in ("eval_iters", "warmup_iters", "keep_last", "sample_tokens", "stop_at"):
+        for name in (
+            "eval_iters",
+            "warmup_iters",
+            "keep_last",
+            "sample_tokens",
+            "stop_at",
+            "early_stop_patience",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}.")
         if self.batch_size > 1_000_000:
@@ -130,6 +141,10 @@ class TrainConfig:
             )
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"train.seed must be in [0, 2**32), got {self.seed}.")
+        if self.early_stop_patience and not self.eval_iters:
+            raise ConfigError(
+                "train.early_stop_patience needs validation: set train.eval_iters > 0."
+            )
         if self.log_interval > 100_000:
             raise ConfigError(
                 f"train.log_interval={self.log_interval} is absurd; use a value such as 10."

@@ -87,12 +87,18 @@ def score_sequences(
     return nll, count
 
 
+def bits_per_byte(nll_nats: float, nbytes: float) -> float:
+    """Summed negative log-likelihood in nats -> bits per UTF-8 byte of the text scored
+    (comparable across tokenizers, unlike loss per token)."""
+    return nll_nats / (math.log(2) * max(nbytes, 1))
+
+
 def _summary(nll: float, tokens: int, nbytes: int, docs: int) -> dict:
     loss = nll / tokens
     return {
         "loss": round(loss, 6),
         "perplexity": round(math.exp(min(loss, 50)), 4),
-        "bpb": round(nll / (math.log(2) * nbytes), 6),
+        "bpb": round(bits_per_byte(nll, nbytes), 6),
         "tokens": tokens,
         "bytes": nbytes,
         "documents": docs,

@@ -10,15 +10,19 @@ from .checkpoint import checkpoint_tokenizer, load_model, pick_device
 from .errors import UserError
 from .tokenizer import EOT
 
+# The sampling settings used wherever the user sets none: `azgpt sample`, the sample printed at
+# each evaluation, and the server's defaults.
+SAMPLING = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "max_new_tokens": 100}
+
 
 def run_sample(
     ckpt,
     prompt,
     *,
-    max_new_tokens=100,
-    temperature=0.8,
-    top_k=50,
-    top_p=0.95,
+    max_new_tokens=SAMPLING["max_new_tokens"],
+    temperature=SAMPLING["temperature"],
+    top_k=SAMPLING["top_k"],
+    top_p=SAMPLING["top_p"],
     seed=0,
     num_samples=1,
     tokenizer=None,

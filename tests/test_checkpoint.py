@@ -6,7 +6,15 @@ import sys
 import pytest
 import torch
 
-from azgpt.checkpoint import RunLock, load_model, model_state, read_trainer_state, save_checkpoint
+from azgpt.checkpoint import (
+    RunLock,
+    load_model,
+    model_state,
+    optimizer_state,
+    read_trainer_state,
+    restore_optimizer_state,
+    save_checkpoint,
+)
 from azgpt.errors import UserError
 from azgpt.model import GPT, GPTConfig
 from azgpt.optim import make_optimizer
@@ -24,7 +32,7 @@ def save(tmp_path, m, step=1):
     loss.backward()
     opt.step()
     return save_checkpoint(
-        tmp_path, step, m, opt, {"step": step}, {"step": step, "tokens_seen": 0}
+        tmp_path, step, m, optimizer_state(m, opt), {"step": step}, {"step": step, "tokens_seen": 0}
     ), opt
 
 
@@ -44,10 +52,9 @@ def test_optimizer_state_round_trips(tmp_path):
     m = model()
     ck, opt = save(tmp_path, m)
     info, tensors = read_trainer_state(ck)
-    from azgpt.checkpoint import restore_optimizer
-
-    opt2 = make_optimizer(model(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu")
-    restore_optimizer(opt2, tensors, info["optimizer"])
+    m2 = model()
+    opt2 = make_optimizer(m2, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu")
+    restore_optimizer_state(m2, opt2, tensors, info["optimizer"])
     a, b = opt.state_dict(), opt2.state_dict()
     for pid in a["state"]:
         for k, v in a["state"][pid].items():
@@ -58,10 +65,19 @@ def test_keep_last_prunes_but_keeps_best(tmp_path):
     m = model()
     opt = make_optimizer(m, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu")
     save_checkpoint(
-        tmp_path, 1, m, opt, {}, {"step": 1, "tokens_seen": 0}, is_best=True, keep_last=2
+        tmp_path,
+        1,
+        m,
+        optimizer_state(m, opt),
+        {},
+        {"step": 1, "tokens_seen": 0},
+        is_best=True,
+        keep_last=2,
     )
     for s in (2, 3, 4):
-        save_checkpoint(tmp_path, s, m, opt, {}, {"step": s, "tokens_seen": 0}, keep_last=2)
+        save_checkpoint(
+            tmp_path, s, m, optimizer_state(m, opt), {}, {"step": s, "tokens_seen": 0}, keep_last=2
+        )
     names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step-"))
     assert names == ["step-000001", "step-000003", "step-000004"]
     assert os.readlink(tmp_path / "best") == "step-000001"
