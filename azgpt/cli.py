@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -245,6 +246,31 @@ def cmd_report(a) -> int:
     return 0
 
 
+def cmd_serve(a) -> int:
+    try:
+        from .serve.app import Limits, serve
+    except ModuleNotFoundError as e:
+        raise UserError(
+            f"azgpt serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'azgpt[serve]'."
+        ) from None
+    if not 0 <= a.port <= 65535:
+        raise UserError(f"--port must be between 0 and 65535, got {a.port}.")
+    limits = Limits(max_tokens=a.max_tokens, max_prompt_chars=a.max_prompt_chars)
+    serve(
+        a.ckpt,
+        host=a.host,
+        port=a.port,
+        api_key=a.api_key,
+        name=a.name,
+        tokenizer=a.tokenizer,
+        device=a.device,
+        max_batch=a.max_batch,
+        max_queue=a.max_queue,
+        limits=limits,
+    )
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -428,6 +454,46 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir")
     r.add_argument("--out", help="output folder (default: RUN_DIR/report)")
     r.set_defaults(fn=cmd_report)
+
+    sv = sub.add_parser("serve", help="an Ollama- and OpenAI-compatible HTTP API and a playground")
+    sv.add_argument("--ckpt", required=True, help="checkpoint folder (e.g. runs/tiny/best)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    sv.add_argument(
+        "--api-key",
+        default=os.environ.get("AZGPT_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every route but the page (or AZGPT_API_KEY)",
+    )
+    sv.add_argument("--name", default="azgpt", help="the model name /api/tags and /v1/models list")
+    sv.add_argument(
+        "--tokenizer", help="tokenizer folder (default: the one recorded in the checkpoint)"
+    )
+    sv.add_argument("--device", default="auto")
+    sv.add_argument(
+        "--max-batch",
+        type=_positive_int("--max-batch"),
+        default=8,
+        help="sequences decoded together in one forward pass (default 8)",
+    )
+    sv.add_argument(
+        "--max-queue",
+        type=_positive_int("--max-queue"),
+        default=64,
+        help="requests that may wait for a slot; more get 503 (default 64)",
+    )
+    sv.add_argument(
+        "--max-tokens",
+        type=_positive_int("--max-tokens"),
+        default=1024,
+        help="the most tokens one request may ask for (default 1024)",
+    )
+    sv.add_argument(
+        "--max-prompt-chars",
+        type=_positive_int("--max-prompt-chars"),
+        default=100_000,
+        help="the longest prompt (all messages together) in characters (default 100000)",
+    )
+    sv.set_defaults(fn=cmd_serve)
     return p
 
 
