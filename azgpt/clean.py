@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .corpus import (
+    WikiText,
     batched,
     discover,
     is_jsonl,
@@ -85,6 +86,8 @@ class _Job:
         """(text, rule counts, drop reason, input bytes, MinHash signature or None) per document."""
         out = []
         for d, nbytes in docs:
+            if isinstance(d, WikiText):
+                d = d.to_text()
             text, stats = clean_document(d, self.opts)
             reason = None
             if not text:
@@ -191,7 +194,7 @@ def _count_site_lines(files: list[Path], text_field: str) -> LineFilter | None:
 
 def _documents(files, report: CleanReport, text_field: str, lines: LineFilter | None):
     """(raw document, its input bytes), boilerplate lines of its site already removed."""
-    for text, site in iter_sourced(files, report.input, text_field):
+    for text, site in iter_sourced(files, report.input, text_field, raw_wikitext=True):
         nbytes = len(text.encode("utf-8"))
         if lines is not None and site is not None:
             text, removed = lines.apply(site, text)

@@ -125,10 +125,15 @@ def iter_documents(
 
 
 def iter_sourced_documents(
-    p: Path, stats: Counter, text_field: str = "text", line_docs: bool = False
+    p: Path,
+    stats: Counter,
+    text_field: str = "text",
+    line_docs: bool = False,
+    raw_wikitext: bool = False,
 ) -> Iterator[tuple[str, str | None]]:
     """Yield (document, site) for one file: the site is the host of the record's `url` field
-    (JSONL, Parquet: crawled pages), None where the input has no URLs."""
+    (JSONL, Parquet: crawled pages), None where the input has no URLs. With `raw_wikitext`, a
+    dump's articles come as WikiText (call `.to_text()`)."""
     if is_parquet(p):
         yield from _iter_parquet(p, stats, text_field)
         return
@@ -137,7 +142,7 @@ def iter_sourced_documents(
             if is_jsonl(p):
                 yield from _iter_jsonl(p, f, stats, text_field)
             elif is_wiki_dump(p):
-                for text in _iter_mediawiki(p, f, stats):
+                for text in _iter_mediawiki(p, f, stats, raw_wikitext):
                     yield text, None
             else:
                 for text in _iter_txt(f, stats, line_docs):
@@ -292,22 +297,32 @@ def wikitext_to_text(wikitext: str, drop_namespaces: set[str] | frozenset = froz
     mwp = _need("mwparserfromhell")
     code = mwp.parse(wikitext)
     drop_ns = _FILE_CATEGORY_NS | {n.lower() for n in drop_namespaces}
-    doomed = []
-    for node in code.ifilter(recursive=True):
+
+    def dropped(node) -> bool:
         if isinstance(node, mwp.nodes.Template):
-            doomed.append(node)
-        elif isinstance(node, mwp.nodes.Tag) and str(node.tag).strip().lower() in _DROP_TAGS:
-            doomed.append(node)
-        elif isinstance(node, mwp.nodes.Wikilink):
+            return True
+        if isinstance(node, mwp.nodes.Tag):
+            return str(node.tag).strip().lower() in _DROP_TAGS
+        if isinstance(node, mwp.nodes.Wikilink):
             title = str(node.title).strip()
-            prefix = title.lstrip(":").split(":", 1)[0].strip().lower() if ":" in title else None
-            if prefix is not None and (prefix in drop_ns or _INTERWIKI.match(title)):
-                doomed.append(node)
-    for node in doomed:
-        try:
-            code.remove(node)
-        except ValueError:  # already gone with an enclosing node
-            pass
+            if ":" in title:
+                prefix = title.lstrip(":").split(":", 1)[0].strip().lower()
+                return prefix in drop_ns or bool(_INTERWIKI.match(title))
+        return False
+
+    def prune(wikicode) -> None:
+        # One pass that rebuilds each node list: Wikicode.remove() searches the whole tree per
+        # call, which made a 400 KB article with thousands of references take minutes.
+        kept = []
+        for node in wikicode.nodes:
+            if dropped(node):
+                continue
+            for child in node.__children__():
+                prune(child)
+            kept.append(node)
+        wikicode.nodes = kept
+
+    prune(code)
     text = code.strip_code(normalize=True, collapse=True)
     text = _MAGIC.sub("", text)
     lines = (line.strip() for line in text.split("\n"))
@@ -318,8 +333,25 @@ def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
-def _iter_mediawiki(p: Path, f, stats: Counter) -> Iterator[str]:
-    """Articles of a MediaWiki XML dump: namespace 0, redirects skipped, one page in memory."""
+class WikiText(str):
+    """An article's wikitext not yet turned into text (`azgpt clean` converts it in its worker
+    processes, where the parsing, the slow part of reading a dump, runs in parallel)."""
+
+    def __new__(cls, text: str, drop_namespaces=frozenset()):
+        obj = super().__new__(cls, text)
+        obj.drop_namespaces = frozenset(drop_namespaces)
+        return obj
+
+    def __reduce__(self):
+        return (WikiText, (str(self), self.drop_namespaces))
+
+    def to_text(self) -> str:
+        return wikitext_to_text(str(self), self.drop_namespaces)
+
+
+def _iter_mediawiki(p: Path, f, stats: Counter, raw: bool = False) -> Iterator[str]:
+    """Articles of a MediaWiki XML dump: namespace 0, redirects skipped, one page in memory.
+    With `raw`, yields WikiText for the caller to convert."""
     import xml.etree.ElementTree as ET
 
     _need("mwparserfromhell")
@@ -346,11 +378,14 @@ def _iter_mediawiki(p: Path, f, stats: Counter) -> Iterator[str]:
                 root.clear()
                 if text is None:
                     continue
+                articles += 1
+                if raw:
+                    yield WikiText(text, drop_ns)
+                    continue
                 text = wikitext_to_text(text, drop_ns)
                 if not text:
                     stats["wiki_empty_after_markup"] += 1
                     continue
-                articles += 1
                 yield text
     except ET.ParseError as e:
         raise UserError(
@@ -394,10 +429,10 @@ def iter_corpus(
 
 
 def iter_sourced(
-    files: list[Path], stats: Counter, text_field: str = "text"
+    files: list[Path], stats: Counter, text_field: str = "text", raw_wikitext: bool = False
 ) -> Iterator[tuple[str, str | None]]:
     for p in files:
-        yield from iter_sourced_documents(p, stats, text_field)
+        yield from iter_sourced_documents(p, stats, text_field, raw_wikitext=raw_wikitext)
 
 
 def batched(it: Iterable, n: int) -> Iterator[list]:

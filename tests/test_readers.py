@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bz2
 import json
+import pickle
 from collections import Counter
 from pathlib import Path
 
@@ -142,6 +143,17 @@ def test_clean_reads_a_dump(capsys, tmp_path, wiki_bz2):
     r = json.loads(report.read_text())
     assert r["documents_in"] == 2
     assert r["input"]["wiki_redirects"] == 1
+
+
+def test_clean_converts_articles_in_worker_processes(tmp_path, wiki_bz2):
+    from azgpt.clean import run_clean
+    from azgpt.corpus import WikiText
+
+    w = WikiText(GENCE, {"Fayl"})
+    assert pickle.loads(pickle.dumps(w)).to_text() == GENCE_TEXT
+    out = tmp_path / "clean.txt"
+    run_clean([str(wiki_bz2)], str(out), workers=2, batch_docs=1)
+    assert read_output_docs(out) == [BAKI_TEXT, GENCE_TEXT]
 
 
 def test_truncated_bz2_is_one_sentence(capsys, tmp_path, wiki_bz2):
