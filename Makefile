@@ -38,10 +38,16 @@ demo: setup
 	@echo "  checkpoints      runs/tiny/last, runs/tiny/best (model.safetensors, config.json, meta.json)"
 	@echo "  metrics, plots   runs/tiny/metrics.jsonl, runs/tiny/loss.png, runs/tiny/report/report.md"
 
-test: setup
+# The serve playground's browser test drives Debian's chromium (never a downloaded browser);
+# installed once per machine when missing (without it that test is skipped).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	(apt-get update -q && apt-get install -y -q chromium) || echo "could not install chromium; the browser test will be skipped"
+
+test: setup $(CHROMIUM)
 	$(PY) -m pytest -q
 
-test-all: setup
+test-all: setup $(CHROMIUM)
 	$(PY) -m pytest -q -m "" 
 
 lint: setup
