@@ -44,7 +44,7 @@ def _need_datasketch():
     except ImportError:
         raise UserError(
             "near-duplicate removal needs datasketch, which is not installed; run "
-            "`pip install azgpt[crawl]` (or pass --no-near-dedup)."
+            "`pip install datasketch` (or pass --no-near-dedup)."
         ) from None
     return datasketch
 

@@ -491,3 +491,13 @@ def test_bad_input_one_sentence(tmp_path, capsys):
     ok.write_text("http://127.0.0.1:1/\n")
     err(["crawl", ok, "--out", f], "--out")
     assert not out.exists()
+
+
+def test_missing_extra_names_the_install(tmp_path, capsys, monkeypatch):
+    urls = tmp_path / "u.txt"
+    urls.write_text("http://127.0.0.1:1/\n")
+    monkeypatch.setitem(sys.modules, "trafilatura", None)  # as if it were not installed
+    assert main(["crawl", str(urls), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "trafilatura" in err and "pip install azgpt[crawl]" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()

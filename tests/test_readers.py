@@ -6,6 +6,7 @@ from __future__ import annotations
 import bz2
 import json
 import pickle
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -272,4 +273,14 @@ def test_not_a_parquet_file(capsys, tmp_path):
     q = tmp_path / "y.parquet"
     q.write_text("id,text\n1,salam\n")
     one_sentence_error(capsys, ["clean", q, "--out", out, "--workers", "1"], q, "not a Parquet")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("module", ["pyarrow", "mwparserfromhell"])
+def test_missing_extra_names_the_install(capsys, tmp_path, monkeypatch, wiki_bz2, module):
+    src = write_parquet(tmp_path / "x.parquet", ROWS) if module == "pyarrow" else wiki_bz2
+    monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed
+    out = tmp_path / "o.txt"
+    argv = ["clean", src, "--out", out, "--text-field", "content", "--workers", "1"]
+    one_sentence_error(capsys, argv, module, "pip install azgpt[crawl]")
     assert not out.exists()
