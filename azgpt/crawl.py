@@ -303,22 +303,7 @@ class Crawler:
             return self.robots[org]
         row = self.db.execute("SELECT robots FROM hosts WHERE origin=?", (org,)).fetchone()
         if row is None or row[0] is None:
-            try:
-                resp = self._request(org + "/robots.txt", ROBOTS_MAX_BYTES, robots=True)
-                status = resp.status
-                body = resp.body.decode("utf-8", errors="replace")
-            except FetchError:
-                status, body = 0, ""
-            if 300 <= status < 400:
-                resp2 = None
-                loc = normalize_url(resp.location or "", org + "/robots.txt")
-                if loc and origin(loc) == org:
-                    try:
-                        resp2 = self._request(loc, ROBOTS_MAX_BYTES, robots=True)
-                    except FetchError:
-                        pass
-                status = resp2.status if resp2 else 0
-                body = resp2.body.decode("utf-8", errors="replace") if resp2 else ""
+            status, body = self._get_robots(org)
             # RFC 9309: a 4xx robots.txt means no rules; a server error or no answer means
             # "assume everything is disallowed".
             if 200 <= status < 300:
@@ -335,6 +320,22 @@ class Crawler:
             text = row[0]
         self.robots[org] = Protego.parse(text)
         return self.robots[org]
+
+    def _get_robots(self, org: str) -> tuple[int, str]:
+        """(status, body) of the origin's robots.txt; redirects followed (RFC 9309: at least
+        five), also to another origin (http -> https is common); 0 when there is no answer."""
+        url = org + "/robots.txt"
+        for _ in range(self.opts.max_redirects + 1):
+            try:
+                resp = self._request(url, ROBOTS_MAX_BYTES, robots=True)
+            except FetchError:
+                return 0, ""
+            if resp.status not in (301, 302, 303, 307, 308):
+                return resp.status, resp.body.decode("utf-8", errors="replace")
+            url = normalize_url(resp.location or "", url)
+            if url is None:
+                return 0, ""
+        return 0, ""
 
     def allowed(self, url: str) -> bool:
         return self._robots_for(url).can_fetch(url, UA_TOKEN)
@@ -622,6 +623,11 @@ def _lock(out: Path):
 def run_crawl(urls_file: str | Path, out: str | Path, opts: CrawlOptions) -> CrawlReport:
     """Crawl from the seeds in `urls_file` into shards in `out`; rerun to resume."""
     need_crawl_libs()
+    import logging
+
+    # The extractor logs its doubts about single pages at WARNING; the summary counts outcomes.
+    for name in ("trafilatura", "htmldate", "courlan"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     for name, v, low in (
         ("--delay", opts.delay, 0.0),
         ("--timeout", opts.timeout, 1e-3),
