@@ -66,8 +66,8 @@ def need_crawl_libs():
 
 def user_agent(contact: str | None) -> str:
     """The User-Agent: names azgpt (the token robots.txt groups match) and, if given, a contact."""
-    ua = f"{UA_TOKEN}/{__version__} (+https://github.com/azgpt/azgpt"
-    return ua + (f"; {contact})" if contact else ")")
+    ua = f"{UA_TOKEN}/{__version__} (language-model corpus crawler"
+    return ua + (f"; +{contact})" if contact else ")")
 
 
 def normalize_url(url: str, base: str | None = None) -> str | None:
