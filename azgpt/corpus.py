@@ -249,15 +249,16 @@ def _iter_parquet(p: Path, stats: Counter, text_field: str) -> Iterator[tuple[st
         cols.append("url")
     try:
         for i in range(pf.num_row_groups):
-            table = pf.read_row_group(i, columns=cols)
-            texts = table.column(text_field).to_pylist()
-            urls = table.column("url").to_pylist() if len(cols) > 1 else [None] * len(texts)
-            del table
-            for text, url in zip(texts, urls):
-                if text is None:
-                    stats["missing_text_field"] += 1
-                    continue
-                yield text, _site(url)
+            # One row group at a time, handed over in batches of 1,024 rows: Arrow holds one row
+            # group's columns, Python one batch of strings.
+            for batch in pf.iter_batches(batch_size=1024, row_groups=[i], columns=cols):
+                texts = batch.column(0).to_pylist()
+                urls = batch.column(1).to_pylist() if len(cols) > 1 else [None] * len(texts)
+                for text, url in zip(texts, urls):
+                    if text is None:
+                        stats["missing_text_field"] += 1
+                        continue
+                    yield text, _site(url)
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"cannot read Parquet file {p} ({e}); check the file.") from None
 

@@ -222,13 +222,13 @@ def test_parquet_folder_row_group_by_row_group(tmp_path, monkeypatch):
     write_parquet(d / "a.parquet", ROWS[:3])
     write_parquet(d / "part" / "b.parquet", ROWS[3:])
     calls = []
-    real = pq.ParquetFile.read_row_group
+    real = pq.ParquetFile.iter_batches
 
-    def spy(self, i, *a, **kw):
-        calls.append(i)
-        return real(self, i, *a, **kw)
+    def spy(self, *a, row_groups=None, **kw):
+        calls.append(row_groups)
+        return real(self, *a, row_groups=row_groups, **kw)
 
-    monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
     stats = Counter()
     got = list(iter_sourced(discover([d]), stats, "content"))
     assert got == [
@@ -238,7 +238,7 @@ def test_parquet_folder_row_group_by_row_group(tmp_path, monkeypatch):
         (ROWS[4][0], "kitab.az"),
     ]
     assert stats["missing_text_field"] == 1
-    assert calls == [0, 1, 0]  # two row groups of a.parquet, one of b.parquet
+    assert calls == [[0], [1], [0]]  # two row groups of a.parquet, one of b.parquet
 
 
 def test_clean_reads_parquet_with_text_field(capsys, tmp_path):
