@@ -1,0 +1,211 @@
+"""`azgpt serve` under concurrent streaming clients: aggregate tokens/s and time to first token.
+
+For each model (the demo model, configs/tiny.toml, and a gpt100m-shaped one, configs/gpt100m.toml;
+random weights unless a checkpoint is given: speed does not depend on the values), a real
+`azgpt serve` process on 127.0.0.1 answers 1, 4, 8 and 16 clients that each stream one
+`/api/generate` request at the same moment (fixed length: `ignore_eos`), then the same 8
+requests one after another. Batching pays when the 8 concurrent clients get several times the
+aggregate tokens/s of the sequential 8.
+
+.venv/bin/python bench/serve.py [--models demo,gpt100m] [--tokens 64] [--threads 2]
+                                [--demo-ckpt runs/tiny/last]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROMPTS = [
+    "Azərbaycanın paytaxtı Bakı şəhəridir və",
+    "Xəzər dənizinin sahilində yerləşən şəhərlərdən biri",
+    "Gəncə qədim tarixi olan bir şəhərdir, burada",
+    "Kür çayı Azərbaycanın ən uzun çayıdır və",
+    "Novruz bayramında ailələr bir yerə toplaşır,",
+    "Şəki sarayı XVIII əsrdə tikilmişdir və onun",
+    "Səhər tezdən bazara gedən qadın gördü ki,",
+    "Məktəbdə riyaziyyat dərsində müəllim dedi:",
+]
+
+
+def make_checkpoint(config: Path, tok_dir: Path, out: Path) -> Path:
+    """A checkpoint of the config's model shape with random weights and the given tokenizer."""
+    import torch
+
+    from azgpt.checkpoint import save_model_files
+    from azgpt.config import load_config
+    from azgpt.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(load_config(config, []).model)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model_files(model, out)
+    shutil.copyfile(tok_dir / "tokenizer.json", out / "tokenizer.json")
+    (out / "meta.json").write_text("{}\n")
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stream_one(base: str, prompt: str, tokens: int, seed: int, out: dict) -> None:
+    body = {
+        "model": "bench",
+        "prompt": prompt,
+        "options": {"num_predict": tokens, "seed": seed, "ignore_eos": True},
+    }
+    t0 = time.perf_counter()
+    first = None
+    with requests.post(f"{base}/api/generate", json=body, stream=True, timeout=3600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line:
+                continue
+            obj = json.loads(line)
+            if first is None and obj.get("response"):
+                first = time.perf_counter()
+            if obj.get("done"):
+                out["tokens"] = obj["eval_count"]
+    out.update(start=t0, first=first, end=time.perf_counter())
+
+
+def run_clients(base: str, n: int, tokens: int, sequential: bool = False) -> dict:
+    results = [{} for _ in range(n)]
+    if sequential:
+        for i in range(n):
+            stream_one(base, PROMPTS[i % len(PROMPTS)], tokens, i, results[i])
+    else:
+        threads = [
+            threading.Thread(
+                target=stream_one, args=(base, PROMPTS[i % len(PROMPTS)], tokens, i, results[i])
+            )
+            for i in range(n)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    total = sum(r["tokens"] for r in results)
+    wall = max(r["end"] for r in results) - min(r["start"] for r in results)
+    ttft = sorted((r["first"] - r["start"]) * 1000 for r in results)
+    return {
+        "clients": n,
+        "sequential": sequential,
+        "tokens": total,
+        "seconds": round(wall, 2),
+        "tokens_per_s": round(total / wall, 1),
+        "ttft_p50_ms": round(statistics.median(ttft)),
+        "ttft_p99_ms": round(ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))]),
+    }
+
+
+def bench_model(label: str, ckpt: Path, levels: list[int], tokens: int, threads: int, log: Path):
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "azgpt", "serve", "--ckpt", str(ckpt), "--port", str(port)]
+    cmd += ["--max-batch", str(max(levels)), "--device", "cpu"]
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    rows = []
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"azgpt serve exited: {log.read_text()}")
+            try:
+                if requests.get(base + "/health", timeout=5).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"azgpt serve did not start: {log.read_text()}")
+            time.sleep(0.3)
+        info = requests.get(base + "/health", timeout=5).json()
+        run_clients(base, 2, 8)  # warm-up
+        for n in levels:
+            rows.append({"model": label, **run_clients(base, n, tokens)})
+            print(json.dumps(rows[-1]), flush=True)
+        rows.append({"model": label, **run_clients(base, 8, tokens, sequential=True)})
+        print(json.dumps(rows[-1]), flush=True)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return info, rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="demo,gpt100m")
+    ap.add_argument("--levels", default="1,4,8,16")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens each client streams")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the server")
+    ap.add_argument("--demo-ckpt", help="a trained demo checkpoint (default: random weights)")
+    a = ap.parse_args()
+
+    from azgpt.tokenizer import save_tokenizer, train_tokenizer
+
+    work = Path(tempfile.mkdtemp(prefix="azgpt-serve-bench-"))
+    texts = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "data/sample").glob("*.txt"))]
+    # The demo's 2,048-id tokenizer for both models: the gpt100m shape keeps its 32,000-id
+    # output layer (the same compute); the server never samples ids the tokenizer lacks.
+    save_tokenizer(train_tokenizer(texts, vocab_size=2048), work / "tok")
+    levels = [int(x) for x in a.levels.split(",")]
+    summary = []
+    for label in a.models.split(","):
+        if label == "demo" and a.demo_ckpt:
+            ckpt = Path(a.demo_ckpt)
+        else:
+            config = {"demo": "tiny.toml", "gpt100m": "gpt100m.toml"}[label]
+            ckpt = make_checkpoint(ROOT / "configs" / config, work / "tok", work / label)
+        info, rows = bench_model(label, ckpt, levels, a.tokens, a.threads, work / f"{label}.log")
+        seq = next(r for r in rows if r["sequential"])
+        c8 = next((r for r in rows if r["clients"] == 8 and not r["sequential"]), None)
+        summary.append(
+            (label, info, rows, c8["tokens_per_s"] / seq["tokens_per_s"] if c8 else None)
+        )
+
+    print(
+        f"\n{platform.machine()}, {os.cpu_count()} cores, torch threads {a.threads}, "
+        f"{a.tokens} tokens per client, {time.strftime('%Y-%m-%d')}\n"
+    )
+    print("| model | clients | aggregate tokens/s | TTFT p50 (ms) | TTFT p99 (ms) |")
+    print("|---|---:|---:|---:|---:|")
+    for label, info, rows, _ in summary:
+        name = f"{label} ({info['parameters'] / 1e6:.1f}M, context {info['context']})"
+        for r in rows:
+            clients = f"{r['clients']} one after another" if r["sequential"] else str(r["clients"])
+            print(
+                f"| {name} | {clients} | {r['tokens_per_s']:,.1f} | {r['ttft_p50_ms']:,} | "
+                f"{r['ttft_p99_ms']:,} |"
+            )
+    for label, _, _, ratio in summary:
+        if ratio:
+            print(f"{label}: 8 concurrent / 8 sequential = {ratio:.2f}x aggregate tokens/s")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
