@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import json
 import os
 import signal
@@ -158,7 +159,8 @@ class CrawlReport:
 
     def format(self) -> str:
         lines = [
-            f"pages: {self.fetched:,} fetched, {self.written:,} written in {self.shards} shards"
+            f"pages: {self.fetched:,} fetched, {self.written:,} written in {self.shards} "
+            f"shard{'' if self.shards == 1 else 's'}"
             f" ({self.bytes / 1e6:.2f} MB received, {self.queued:,} URLs left in the queue,"
             f" {self.seconds:.1f}s)"
         ]
@@ -358,8 +360,10 @@ class Crawler:
             return self._read(url, cap, start, robots)
         except urllib3.exceptions.TimeoutError:
             raise FetchError("timeout") from None
-        except urllib3.exceptions.HTTPError:
+        except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError):
             raise FetchError("connection") from None
+        except ValueError:  # a URL urllib3 cannot use (bad port, host that is not IDNA)
+            raise FetchError("bad_url") from None
         finally:
             self.db.execute("UPDATE hosts SET last_end=? WHERE origin=?", (time.time(), org))
 

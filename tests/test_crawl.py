@@ -495,3 +495,22 @@ def test_missing_extra_names_the_install(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "trafilatura" in err and "pip install azgpt[crawl]" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_summary_and_second_crawler_refused(tmp_path, site, capsys):
+    import fcntl
+
+    urls = seeds_file(tmp_path, site)
+    out = tmp_path / "o"
+    assert main([*cli_args(urls, out)[:-2], "--shard-pages", "10", "--max-pages", "3"]) == 0
+    stdout, err = capsys.readouterr()
+    assert stdout.startswith("pages: 3 fetched, 3 written in 1 shard (")
+    assert "crawl:" in err and "written=3" in err  # the progress bar
+    fd = os.open(out / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        assert main(cli_args(urls, out)) == 2
+        e = capsys.readouterr().err
+        assert "another crawl" in e and str(out) in e and len(e.splitlines()) == 1
+    finally:
+        os.close(fd)
