@@ -3,27 +3,57 @@
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError, atomic_path, check_writable
 
 
-def read_metrics(path: Path) -> tuple[list[dict], list[dict], dict]:
-    """(train rows, eval rows, start row) from metrics.jsonl; lines cut by a kill are skipped."""
-    train, evals, start = [], [], {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass
+class Metrics:
+    """What a metrics.jsonl holds, whatever state the run left it in (cut by a kill, stopped by
+    a NaN, empty): malformed and non-finite rows are counted, never fatal."""
+
+    train: list[dict] = field(default_factory=list)  # rows with finite step, tokens and loss
+    evals: list[dict] = field(default_factory=list)
+    start: dict = field(default_factory=dict)
+    end: dict = field(default_factory=dict)
+    events: list[dict] = field(default_factory=list)  # nonfinite_loss, skipped_step, ...
+    skipped_lines: int = 0
+
+
+def read_metrics(path: Path) -> Metrics:
+    m = Metrics()
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
+            row = None
+        if not isinstance(row, dict):
+            m.skipped_lines += bool(line.strip())
             continue
         ev = row.get("event")
         if ev == "eval":
-            evals.append(row)
+            if all(_num(row.get(k)) for k in ("step", "tokens", "val_loss", "val_ppl", "val_bpb")):
+                m.evals.append(row)
+            else:
+                m.skipped_lines += 1
         elif ev == "start":
-            start = row
-        elif ev is None and "loss" in row:
-            train.append(row)
-    return train, evals, start
+            m.start = row
+        elif ev == "end":
+            m.end = row
+        elif ev is not None:
+            m.events.append(row)
+        elif all(_num(row.get(k)) for k in ("step", "tokens", "loss")):
+            m.train.append(row)
+        else:
+            m.skipped_lines += 1  # a NaN loss, or a row cut by a kill
+    return m
 
 
 def _figure():
@@ -36,7 +66,8 @@ def _figure():
 
 
 def plot_losses(metrics: Path, out: Path) -> None:
-    train, evals, _ = read_metrics(metrics)
+    m = read_metrics(metrics)
+    train, evals = m.train, m.evals
     if not train:
         return
     plt = _figure()
@@ -67,6 +98,9 @@ def plot_losses(metrics: Path, out: Path) -> None:
 
 
 def _line_plot(out: Path, rows: list[dict], key: str, ylabel: str) -> None:
+    rows = [r for r in rows if _num(r.get(key))]
+    if not rows:
+        return
     plt = _figure()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot([r["tokens"] for r in rows], [r[key] for r in rows], lw=1)
@@ -79,16 +113,31 @@ def _line_plot(out: Path, rows: list[dict], key: str, ylabel: str) -> None:
     plt.close(fig)
 
 
+def _why_stopped(m: Metrics) -> str:
+    nonfinite = [e for e in m.events if e.get("event") == "nonfinite_loss"]
+    reason = m.end.get("reason")
+    if reason == "nonfinite_loss" or (nonfinite and not m.end):
+        step = nonfinite[-1].get("step", "?") if nonfinite else "?"
+        return f"stopped: the loss became non-finite at step {step} (train.nan_policy=stop)"
+    if reason == "early_stop":
+        return (
+            f"stopped early at step {m.end.get('step')}: train.early_stop_patience evaluations "
+            "without a better validation loss (`best` holds the best checkpoint)"
+        )
+    if reason == "stop_at":
+        return f"paused at step {m.end.get('step')} (train.stop_at); continue with --resume"
+    if reason == "max_iters":
+        return f"finished: ran to train.max_iters ({m.end.get('step')} steps)"
+    return "still running, or ended without a final row (killed?); continue with --resume"
+
+
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run = Path(run_dir)
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
         raise UserError(f"{metrics} does not exist; pass a run folder written by `azgpt train`.")
-    train, evals, start = read_metrics(metrics)
-    if not train:
-        raise UserError(
-            f"{metrics} holds no training steps yet; train for at least one log interval."
-        )
+    m = read_metrics(metrics)
+    train, evals, start = m.train, m.evals, m.start
     out_dir = Path(out) if out else run / "report"
     check_writable(out_dir / "report.md", "--out")
     try:
@@ -100,17 +149,17 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     plot_losses(metrics, out_dir / "loss.png")
     _line_plot(out_dir / "lr.png", train, "lr", "learning rate")
     _line_plot(out_dir / "throughput.png", train, "tok_per_s", "tokens / s")
-    last = train[-1]
-    lines = [
-        f"# azgpt run report: {run.name}",
-        "",
-        f"- steps: {last['step']:,}, tokens seen: {last['tokens']:,}",
-        f"- parameters: {start.get('params', 'n/a'):,}"
-        if start.get("params")
-        else "- parameters: n/a",
-        f"- processes: {start.get('world', 1)}",
-        f"- final train loss: {last['loss']:.4f}",
-    ]
+    lines = [f"# azgpt run report: {run.name}", ""]
+    if train:
+        last = train[-1]
+        lines.append(f"- steps: {last['step']:,}, tokens seen: {last['tokens']:,}")
+    else:
+        lines.append("- no training step was logged yet")
+    params = start.get("params")
+    lines.append(f"- parameters: {params:,}" if _num(params) else "- parameters: n/a")
+    lines.append(f"- processes: {start.get('world', 1)}")
+    if train:
+        lines.append(f"- final train loss: {train[-1]['loss']:.4f}")
     if evals:
         e = evals[-1]
         best = min(evals, key=lambda r: r["val_loss"])
@@ -118,23 +167,21 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
             f"- final validation: loss {e['val_loss']:.4f}, perplexity {e['val_ppl']:.2f}, bits per byte {e['val_bpb']:.4f}",
             f"- best validation loss: {best['val_loss']:.4f} at step {best['step']:,}",
         ]
-    tps = [r["tok_per_s"] for r in train[len(train) // 2 :]]
-    lines.append(f"- median tokens/s (second half): {sorted(tps)[len(tps) // 2]:,.0f}")
-    lines += [
-        "",
-        "## Loss",
-        "",
-        "![loss](loss.png)",
-        "",
-        "## Learning rate",
-        "",
-        "![lr](lr.png)",
-        "",
-        "## Throughput",
-        "",
-        "![throughput](throughput.png)",
-        "",
-    ]
+    tps = [r["tok_per_s"] for r in train[len(train) // 2 :] if _num(r.get("tok_per_s"))]
+    if tps:
+        lines.append(f"- median tokens/s (second half): {sorted(tps)[len(tps) // 2]:,.0f}")
+    lines.append(f"- {_why_stopped(m)}")
+    skipped = [e for e in m.events if e.get("event") == "skipped_step"]
+    if skipped:
+        lines.append(
+            f"- {len(skipped)} update(s) skipped for a non-finite loss (train.nan_policy=skip)"
+        )
+    if m.skipped_lines:
+        lines.append(f"- {m.skipped_lines} unreadable line(s) in metrics.jsonl were ignored")
+    lines.append("")
+    for title, png in (("Loss", "loss"), ("Learning rate", "lr"), ("Throughput", "throughput")):
+        if (out_dir / f"{png}.png").is_file():
+            lines += [f"## {title}", "", f"![{png}]({png}.png)", ""]
     if evals:
         lines += [
             "## Evaluations",

@@ -26,7 +26,7 @@ def main() -> None:
     import torch
 
     from azgpt.config import load_config
-    from azgpt.data import run_prepare
+    from azgpt.prepare import run_prepare
     from azgpt.tokenizer import save_tokenizer, train_tokenizer
     from azgpt.train import train
 

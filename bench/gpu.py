@@ -57,7 +57,7 @@ def synthetic_data(work: Path, vocab: int, n_tokens: int) -> tuple[Path, Path]:
     """Random token files (uniform ids) with a manifest, for machines without a prepared corpus."""
     import numpy as np
 
-    from azgpt.data import run_prepare
+    from azgpt.prepare import run_prepare
     from azgpt.tokenizer import save_tokenizer, train_tokenizer
 
     texts = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "data/sample").glob("*.txt"))]

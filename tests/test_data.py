@@ -14,11 +14,12 @@ import pytest
 from conftest import PREPARE_SEED, PREPARE_VAL_FRACTION, TOKENIZER_VOCAB, read_output_docs
 
 import azgpt
-import azgpt.data
+import azgpt.prepare
 from azgpt.clean import run_clean, write_report
 from azgpt.corpus import discover, iter_corpus
-from azgpt.data import MANIFEST, TokenData, run_prepare
+from azgpt.data import MANIFEST, TokenData
 from azgpt.errors import UserError
+from azgpt.prepare import run_prepare
 from azgpt.text import clean_document
 from azgpt.tokenizer import decode, encode, eot_id, sha256_file
 
@@ -442,7 +443,7 @@ def test_prepare_literal_special_token_text(tmp_path, tokenizer_dir, tok, monkey
     results = {}
     for backend in ("tiktoken", "tokenizers"):
         # A fresh encoder state per run (see test_prepare_does_not_reuse_encoder_of_previous_run).
-        monkeypatch.setattr(azgpt.data, "_WORKER", {})
+        monkeypatch.setattr(azgpt.prepare, "_WORKER", {})
         out = tmp_path / backend
         r = run_prepare(
             [str(src)], str(tokenizer_dir), str(out), val_fraction=0.3, workers=1, backend=backend
@@ -460,7 +461,7 @@ def test_prepare_literal_special_token_text(tmp_path, tokenizer_dir, tok, monkey
 def test_prepare_does_not_reuse_encoder_of_previous_run(
     tmp_path, sample_dir, tokenizer_dir, sample_docs, tok
 ):
-    # With workers=1 run_prepare sets up its encoder in this process (azgpt.data._init_worker
+    # With workers=1 run_prepare sets up its encoder in this process (azgpt.prepare._init_worker
     # fills the module-global dict _WORKER) and never clears it. _encode_batch prefers
     # _WORKER["enc"] whenever it is present, so after one tiktoken run every later run in the
     # same process -- whatever its --tokenizer or --backend -- silently encodes with the FIRST
@@ -492,7 +493,7 @@ def test_prepare_does_not_reuse_encoder_of_previous_run(
 _HANG_SCRIPT = """
 import os, sys
 os.environ["TOKENIZERS_PARALLELISM"] = "true"  # what azgpt.cli.main sets for the process
-from azgpt.data import run_prepare
+from azgpt.prepare import run_prepare
 sample, tok, out = sys.argv[1:4]
 kw = dict(val_fraction=0.1, backend="tokenizers", batch_bytes=4000)
 run_prepare([sample], tok, out + "/w1", workers=1, **kw)  # encodes in this process

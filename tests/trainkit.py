@@ -15,7 +15,7 @@ SAMPLE = ROOT / "data" / "sample"
 
 def make_data(base: Path, vocab: int = 512) -> tuple[Path, Path]:
     """Train a small tokenizer on the embedded sample and prepare token files; returns (tok, data)."""
-    from azgpt.data import run_prepare
+    from azgpt.prepare import run_prepare
     from azgpt.tokenizer import save_tokenizer, train_tokenizer
 
     tok_dir, data_dir = base / "tok", base / "data"

@@ -1,0 +1,310 @@
+"""`azgpt prepare`: corpus -> token files (train.npy, val.npy) + manifest.json.
+
+Documents are streamed from the corpus, encoded in parallel worker processes (tiktoken built
+from our merges when it gives identical ids, else HF tokenizers), split into train and val by a
+seeded hash of the document index, and appended to .npy files written under temporary names;
+the manifest is written last, so token files without one are never taken as complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .corpus import discover, file_sha256, iter_corpus, ordered_map, worker_context
+from .data import MANIFEST, _chunked_max
+from .errors import UserError, fsync_dir, remove_if_left_empty
+from .tokenizer import eot_id, load_tokenizer, nfc, sha256_file, tiktoken_encoding, tokenizer_path
+
+NPY_HEADER_BYTES = 128
+
+
+# ----------------------------------------------------------------------------- npy streaming
+
+
+def _npy_header(n: int) -> bytes:
+    """A version-1.0 .npy header for a 1-D uint16 array of n items, padded to a fixed size so it
+    can be rewritten in place once the final length is known."""
+    d = "{'descr': '<u2', 'fortran_order': False, 'shape': (%d,), }" % n
+    body_len = NPY_HEADER_BYTES - 10
+    d = d.ljust(body_len - 1) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", body_len) + d.encode("latin1")
+
+
+class NpyWriter:
+    """Append uint16 tokens to a .npy file of unknown final length (header patched on close)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.f = open(path, "wb")
+        self.f.write(_npy_header(0))
+        self.n = 0
+
+    def write(self, arr: np.ndarray) -> None:
+        self.f.write(arr.astype("<u2", copy=False).tobytes())
+        self.n += len(arr)
+
+    def truncate_last(self, k: int) -> np.ndarray:
+        """Remove and return the last k tokens (used to move one document to val)."""
+        self.f.flush()
+        pos = NPY_HEADER_BYTES + 2 * (self.n - k)
+        with open(self.path, "rb") as r:
+            r.seek(pos)
+            tail = np.frombuffer(r.read(2 * k), dtype="<u2").copy()
+        self.f.truncate(pos)
+        self.f.seek(pos)
+        self.n -= k
+        return tail
+
+    def close(self) -> None:
+        self.f.seek(0)
+        self.f.write(_npy_header(self.n))
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+
+
+# ----------------------------------------------------------------------------- prepare
+
+_WORKER: dict = {}
+
+
+def _init_worker(tok_path: str, backend: str, tok=None) -> None:
+    """Set up this process's encoder; `tok` is the already loaded tokenizer when prepare
+    encodes in its own process (worker processes load their own)."""
+    _WORKER.clear()  # an in-process run must never reuse the encoder of an earlier one
+    tok = tok if tok is not None else load_tokenizer(tok_path)
+    _WORKER["eot"] = eot_id(tok)
+    if backend == "tiktoken":
+        _WORKER["enc"] = tiktoken_encoding(tok, tok_path)
+    else:
+        _WORKER["tok"] = tok
+
+
+def _is_val(seed: int, idx: np.ndarray, frac: float) -> np.ndarray:
+    """Seeded, stateless document-level split: a hash of (seed, document index) against frac."""
+    mix = np.uint64((seed * 0x9E3779B97F4A7C15) % (1 << 64))
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps on purpose (splitmix64)
+        x = idx.astype(np.uint64) + mix
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53) < frac
+
+
+def _encode_batch(job: tuple[int, list[str], int, float]) -> tuple[bytes, bytes, int, int, int]:
+    """Encode one batch of documents -> (train bytes, val bytes, n_train_docs, n_val_docs, last_train_len)."""
+    start, docs, seed, frac = job
+    docs = [nfc(d) for d in docs]
+    if "enc" in _WORKER:
+        ids = _WORKER["enc"].encode_ordinary_batch(docs, num_threads=1)
+    else:
+        ids = [e.ids for e in _WORKER["tok"].encode_batch(docs, add_special_tokens=False)]
+    eot = _WORKER["eot"]
+    val_mask = _is_val(seed, np.arange(start, start + len(docs)), frac)
+    parts: dict[bool, list[np.ndarray]] = {False: [], True: []}
+    last_train_len = 0
+    for seq, v in zip(ids, val_mask.tolist()):
+        a = np.empty(len(seq) + 1, dtype=np.uint16)
+        a[:-1] = seq
+        a[-1] = eot
+        parts[v].append(a)
+        if not v:
+            last_train_len = len(a)
+    cat = {k: (np.concatenate(v).tobytes() if v else b"") for k, v in parts.items()}
+    return cat[False], cat[True], len(parts[False]), len(parts[True]), last_train_len
+
+
+def choose_backend(tok, tok_path: Path, sample: list[str]) -> str:
+    """tiktoken when it gives identical ids on `sample`, else HF tokenizers."""
+    enc = tiktoken_encoding(tok, tok_path)
+    if enc is None:
+        return "tokenizers"
+    for d in sample:
+        d = nfc(d)
+        if enc.encode_ordinary(d) != tok.encode(d, add_special_tokens=False).ids:
+            return "tokenizers"
+    return "tiktoken"
+
+
+@dataclass
+class PrepareResult:
+    manifest: dict
+    seconds: float
+    bytes_in: int
+
+
+def run_prepare(
+    inputs: list[str],
+    tokenizer: str,
+    out: str,
+    *,
+    val_fraction: float = 0.005,
+    seed: int = 1234,
+    text_field: str = "text",
+    workers: int | None = None,
+    backend: str = "auto",
+    batch_bytes: int = 1 << 20,
+) -> PrepareResult:
+    if not 0.0 < val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}.")
+    if backend not in ("auto", "tiktoken", "tokenizers"):
+        raise UserError(f"--backend must be auto, tiktoken or tokenizers, got {backend!r}.")
+    files = discover(inputs)
+    tok_path = tokenizer_path(tokenizer)
+    tok = load_tokenizer(tok_path)
+    vocab = tok.get_vocab_size()
+    if vocab > 65536:
+        raise UserError(
+            f"tokenizer {tok_path} has {vocab} ids, which do not fit uint16 token files; retrain it with --vocab-size 65536 or less."
+        )
+    out_dir = Path(out)
+    with remove_if_left_empty(out_dir):
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            probe = out_dir / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(
+                f"cannot write to output folder {out_dir} ({e.strerror}); choose a writable --out."
+            ) from None
+        for stale in out_dir.glob(".*.npy.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+        stats: Counter = Counter()
+        workers = workers or (os.cpu_count() or 1)
+        if backend == "auto":
+            sample = []
+            for d in iter_corpus(files[:1], Counter(), text_field):
+                sample.append(d)
+                if len(sample) >= 200:
+                    break
+            backend = choose_backend(tok, tok_path, sample)
+
+        t0 = time.perf_counter()
+        tmp = {s: out_dir / f".{s}.npy.{os.getpid()}.tmp" for s in ("train", "val")}
+        writers = {s: NpyWriter(p) for s, p in tmp.items()}
+        n_docs = {"train": 0, "val": 0}
+        bytes_in = 0
+        last_train_len = 0
+        try:
+
+            def jobs():
+                nonlocal bytes_in
+                idx = 0
+                batch: list[str] = []
+                size = 0
+                for d in iter_corpus(files, stats, text_field):
+                    if not d.strip():
+                        continue
+                    batch.append(d)
+                    size += len(d)
+                    bytes_in += len(d.encode("utf-8"))
+                    if size >= batch_bytes:
+                        yield (idx, batch, seed, val_fraction)
+                        idx += len(batch)
+                        batch, size = [], 0
+                if batch:
+                    yield (idx, batch, seed, val_fraction)
+
+            if workers > 1:
+                pool = ProcessPoolExecutor(
+                    workers,
+                    mp_context=worker_context(),
+                    initializer=_init_worker,
+                    initargs=(str(tok_path), backend),
+                )
+            else:
+                pool = None
+                _init_worker(str(tok_path), backend, tok)
+            try:
+                for tr, va, ntr, nva, ltl in ordered_map(
+                    _encode_batch, jobs(), pool, window=2 * workers
+                ):
+                    writers["train"].write(np.frombuffer(tr, dtype=np.uint16))
+                    writers["val"].write(np.frombuffer(va, dtype=np.uint16))
+                    n_docs["train"] += ntr
+                    n_docs["val"] += nva
+                    if ntr:
+                        last_train_len = ltl
+            finally:
+                if pool is not None:
+                    pool.shutdown(cancel_futures=True)
+            if n_docs["train"] + n_docs["val"] == 0:
+                raise UserError(
+                    f"no documents found in {', '.join(map(str, inputs))}; give files that hold text."
+                )
+            if n_docs["val"] == 0:
+                # Too few documents for the fraction: move the last train document to val.
+                writers["val"].write(writers["train"].truncate_last(last_train_len))
+                n_docs["train"] -= 1
+                n_docs["val"] += 1
+            if n_docs["train"] == 0:
+                if n_docs["val"] < 2:
+                    raise UserError(
+                        f"only {n_docs['val']} document(s) in the input: at least two are needed for a train/val split."
+                    )
+                raise UserError(
+                    f"every one of the {n_docs['val']} documents was drawn into val; lower --val-fraction "
+                    f"(now {val_fraction}) or give more documents."
+                )
+            for w in writers.values():
+                w.close()
+            tok_sha = sha256_file(tok_path)
+            max_ids = {}
+            for s in ("train", "val"):
+                arr = np.load(tmp[s], mmap_mode="r")
+                max_ids[s] = int(_chunked_max(arr))
+            manifest = {
+                "azgpt_version": __version__,
+                "tokenizer": {"path": str(tok_path), "sha256": tok_sha, "vocab_size": vocab},
+                "encoder_backend": backend,
+                "split": {"seed": seed, "val_fraction": val_fraction},
+                "train": {
+                    "tokens": writers["train"].n,
+                    "documents": n_docs["train"],
+                    "max_token_id": max_ids["train"],
+                },
+                "val": {
+                    "tokens": writers["val"].n,
+                    "documents": n_docs["val"],
+                    "max_token_id": max_ids["val"],
+                },
+                "inputs": [
+                    {"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)}
+                    for p in files
+                ],
+                "input_problems": dict(stats),
+                "eot_id": eot_id(tok),
+            }
+            # Old manifest goes first: token files without a manifest are never taken as complete.
+            (out_dir / MANIFEST).unlink(missing_ok=True)
+            for s in ("train", "val"):
+                os.replace(tmp[s], out_dir / f"{s}.npy")
+            mtmp = out_dir / f".{MANIFEST}.{os.getpid()}.tmp"
+            mtmp.write_text(
+                json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+            )
+            os.replace(mtmp, out_dir / MANIFEST)
+            fsync_dir(out_dir)
+        except OSError as e:
+            raise UserError(
+                f"cannot write token files in {out_dir} ({e.strerror}); free space or choose another --out."
+            ) from None
+        finally:
+            for w in writers.values():
+                if not w.f.closed:
+                    w.f.close()
+            for p in tmp.values():
+                p.unlink(missing_ok=True)
+        return PrepareResult(manifest, time.perf_counter() - t0, bytes_in)
