@@ -135,7 +135,7 @@ def cmd_tokenizer_stats(a) -> int:
 
 
 def cmd_prepare(a) -> int:
-    from .data import run_prepare
+    from .prepare import run_prepare
 
     res = run_prepare(
         a.inputs,
@@ -401,10 +401,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="generate text from a checkpoint")
     s.add_argument("--ckpt", required=True, help="checkpoint folder (e.g. runs/tiny/last)")
     s.add_argument("--prompt", default="", help="prompt text")
-    s.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=100)
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-k", type=int, default=50)
-    s.add_argument("--top-p", type=float, default=0.95)
+    from .sample import SAMPLING
+
+    s.add_argument(
+        "--max-new-tokens",
+        type=_positive_int("--max-new-tokens"),
+        default=SAMPLING["max_new_tokens"],
+    )
+    s.add_argument("--temperature", type=float, default=SAMPLING["temperature"])
+    s.add_argument("--top-k", type=int, default=SAMPLING["top_k"])
+    s.add_argument("--top-p", type=float, default=SAMPLING["top_p"])
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--num-samples", type=_positive_int("--num-samples"), default=1)
     s.add_argument(

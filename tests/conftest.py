@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-import azgpt.data
+import azgpt.prepare
 from azgpt.corpus import discover, iter_corpus
-from azgpt.data import run_prepare
+from azgpt.prepare import run_prepare
 from azgpt.tokenizer import (
+    DEFAULT_PRETOKENIZER,
     load_tokenizer,
     save_tokenizer,
     train_tokenizer,
@@ -39,14 +40,14 @@ def read_output_docs(path: str | Path) -> list[str]:
 
 @pytest.fixture(autouse=True)
 def fresh_prepare_worker_state(monkeypatch):
-    """Give every test its own copy of azgpt.data's per-process encoder state.
+    """Give every test its own copy of azgpt.prepare's per-process encoder state.
 
-    run_prepare keeps the encoder in the module-global dict azgpt.data._WORKER and never clears
+    run_prepare keeps the encoder in the module-global dict azgpt.prepare._WORKER and never clears
     it, so one run leaks its encoder into the next run in the same process (see
     test_data.py::test_prepare_does_not_reuse_encoder_of_previous_run). Resetting it here keeps
     the other tests independent of their order.
     """
-    monkeypatch.setattr(azgpt.data, "_WORKER", {})
+    monkeypatch.setattr(azgpt.prepare, "_WORKER", {})
     # azgpt.cli.main sets TOKENIZERS_PARALLELISM=true for the whole process; with it set, a
     # forked prepare worker deadlocks once this process has used tokenizers' thread pool (see
     # test_data.py::test_prepare_workers_after_in_process_encoding_do_not_hang). Undo it after
@@ -79,7 +80,7 @@ def tokenizer_dir(tmp_path_factory, sample_dir) -> Path:
     out = tmp_path_factory.mktemp("tokenizer")
     files = discover([sample_dir])
     tok = train_tokenizer(iter_corpus(files, Counter()), vocab_size=TOKENIZER_VOCAB)
-    save_tokenizer(tok, out, {"pretokenizer": "az"})
+    save_tokenizer(tok, out, {"pretokenizer": DEFAULT_PRETOKENIZER})
     return out
 
 
@@ -96,12 +97,12 @@ def tok(tokenizer_dir):
 @pytest.fixture(scope="session")
 def prepared_dir(tmp_path_factory, sample_dir, tokenizer_dir) -> Path:
     out = tmp_path_factory.mktemp("prepared")
-    saved = azgpt.data._WORKER
-    azgpt.data._WORKER = {}
+    saved = azgpt.prepare._WORKER
+    azgpt.prepare._WORKER = {}
     try:
         _run_prepare_sample(sample_dir, tokenizer_dir, out)
     finally:
-        azgpt.data._WORKER = saved
+        azgpt.prepare._WORKER = saved
     return out
 
 
