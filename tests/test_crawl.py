@@ -72,14 +72,16 @@ ARTICLES = {
         ],
     ),
 }
+DATES = {"baki": "2026-11-28", "gence": "2026-11-29", "seki": "2026-11-30"}
 NOTES = "Qeydlər\nAzərbaycan dilində düz mətn faylı da toplanır.\nHər sətir ayrıca oxunur.\n"
 
 
-def page(title: str, body: str, links: list[str]) -> bytes:
+def page(title: str, body: str, links: list[str], date: str = "") -> bytes:
     nav = "".join(f'<li><a href="/">{n}</a></li>' for n in NAV)
     more = "".join(f'<li><a href="{h}">{h}</a></li>' for h in links)
+    meta = f'<meta property="article:published_time" content="{date}">' if date else ""
     return f"""<!DOCTYPE html><html lang="az"><head><meta charset="utf-8"><title>{title}</title>
-</head><body>
+{meta}</head><body>
 <header><nav class="menu"><ul>{nav}</ul></nav></header>
 <div id="cookie-banner" class="cookie-consent"><p>{COOKIE}</p><button>Razıyam</button></div>
 <main><article><h1>{title}</h1>{body}</article></main>
@@ -93,7 +95,7 @@ def page(title: str, body: str, links: list[str]) -> bytes:
 def article_html(key: str) -> bytes:
     title, paras = ARTICLES[key]
     others = [f"/articles/{k}.html" for k in ARTICLES if k != key] + ["/"]
-    return page(title, "".join(f"<p>{p}</p>" for p in paras), others)
+    return page(title, "".join(f"<p>{p}</p>" for p in paras), others, DATES[key])
 
 
 INDEX_LINKS = [
@@ -347,6 +349,7 @@ def test_main_text_without_navigation(crawled):
         assert len(matches) == 1, key
         r = matches[0]
         assert r["title"] == title
+        assert r["date"] == DATES[key]
         for p in paras:
             assert p in r["text"]
         for junk in [*NAV, COOKIE, COMMENT, FOOTER, "Digər yazılar"]:
