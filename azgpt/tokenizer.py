@@ -31,17 +31,21 @@ SPECIAL_TOKENS = [
 
 # Pre-tokenizer candidates (regexes that cut text into pieces before BPE). Measured on FLORES-200
 # azj_Latn dev with 32k vocabularies trained on the shared corpus; see bench/RESULTS.md and
-# `python bench/pretokenizers.py`.
+# `python bench/pipeline.py`.
+#  - "gpt4" (the default): cl100k-style regex (leading punctuation attaches to words, digits of
+#    1-3). It is exactly Llama-3's regex, which llama.cpp implements natively as its `llama-bpe`
+#    pre-tokenizer, so a GGUF export tokenizes id for id like azgpt (tests/test_gguf.py). It
+#    ties with "az" on fertility (FLORES dev 1.6124 vs 1.6125 tokens per word).
 #  - "az": letters with at most one leading non-letter (space, quote, bracket), apostrophes
 #    inside words kept, digits in groups of up to three, no English contraction rules.
+#    llama.cpp has no such pre-tokenizer: `azgpt export --format gguf` refuses it.
 #  - "gpt2": GPT-2's regex (English contractions, a leading space only, unbounded digit runs).
-#  - "gpt4": cl100k-style regex (leading punctuation attaches to words, digits of 1-3).
 PRETOKENIZERS = {
     "az": r"[^\r\n\p{L}\p{N}]?\p{L}+(?:['’]\p{L}+)*|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
     "gpt2": r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
     "gpt4": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
 }
-DEFAULT_PRETOKENIZER = "az"
+DEFAULT_PRETOKENIZER = "gpt4"
 
 
 def build_tokenizer(pretokenizer: str = DEFAULT_PRETOKENIZER) -> Tokenizer:
@@ -49,7 +53,10 @@ def build_tokenizer(pretokenizer: str = DEFAULT_PRETOKENIZER) -> Tokenizer:
         raise UserError(
             f"--pretokenizer must be one of {', '.join(PRETOKENIZERS)}, got {pretokenizer!r}."
         )
-    tok = Tokenizer(models.BPE())
+    # ignore_merges: a piece that is itself in the vocabulary is that one token, without
+    # replaying the merges (which can end in two tokens when a later merge built the piece).
+    # llama.cpp's llama-bpe and tiktoken both work this way, and so does Llama-3's tokenizer.json.
+    tok = Tokenizer(models.BPE(ignore_merges=True))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [

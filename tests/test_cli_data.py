@@ -214,7 +214,7 @@ def test_tokenizer_train_and_stats_json(capsys, tmp_path, sample_dir, sample_doc
     assert (tok_dir / "tokenizer.json").is_file()
     info = json.loads((tok_dir / "tokenizer_info.json").read_text(encoding="utf-8"))
     assert info["vocab_size"] == 600
-    assert info["pretokenizer"] == "az"
+    assert info["pretokenizer"] == "gpt4"  # the default: llama.cpp's llama-bpe
     assert len(info["inputs"]) == 5
     assert "tokenizer.json" in stdout
 

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 from azgpt.errors import UserError
 from azgpt.text import AZ_ALPHABET, AZ_LOWER, AZ_UPPER
 from azgpt.tokenizer import (
+    DEFAULT_PRETOKENIZER,
     EOT,
     PRETOKENIZERS,
     SPECIAL_TOKENS,
@@ -145,7 +146,7 @@ def test_tokenizer_info_written(tokenizer_dir, tokenizer_file):
     info = json.loads((tokenizer_dir / "tokenizer_info.json").read_text(encoding="utf-8"))
     assert info["vocab_size"] == TOKENIZER_VOCAB
     assert info["sha256"] == sha256_file(tokenizer_file)
-    assert info["pretokenizer"] == "az"
+    assert info["pretokenizer"] == DEFAULT_PRETOKENIZER == "gpt4"
 
 
 def test_load_tokenizer_accepts_dir_or_file(tokenizer_dir, tokenizer_file):
@@ -302,6 +303,23 @@ def test_load_tokenizer_without_eot(tmp_path, sample_docs):
     tok.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(UserError, match=r"<\|endoftext\|>"):
         load_tokenizer(tmp_path)
+
+
+# The regex of Llama-3's tokenizer.json, which llama.cpp implements natively as `llama-bpe`.
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def test_default_is_llama3_regex_with_whole_word_tokens(tokenizer_file):
+    spec = json.loads(Path(tokenizer_file).read_text(encoding="utf-8"))
+    split, byte_level = spec["pre_tokenizer"]["pretokenizers"]
+    assert split["pattern"]["Regex"] == LLAMA3_REGEX == PRETOKENIZERS["gpt4"]
+    assert split["behavior"] == "Isolated" and not split["invert"]
+    assert byte_level["type"] == "ByteLevel" and not byte_level["add_prefix_space"]
+    assert not byte_level["use_regex"]
+    assert spec["model"]["ignore_merges"] is True
 
 
 def test_tokenizer_json_is_plain_json(tokenizer_file):
