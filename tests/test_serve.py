@@ -628,3 +628,22 @@ def test_row_sampling_follows_each_rows_settings_whatever_the_batch():
     assert seen[1] <= set(top3[1].tolist()) and len(seen[1]) > 1
     assert seen[5] <= set(top3[5].tolist())
     assert len(seen[4]) > len(seen[1])  # no filter: more than the top 3
+
+
+def test_cli_bad_input_is_one_sentence_and_exit_2(ckpt, tmp_path):
+    from trainkit import azgpt
+
+    r = azgpt("serve", "--ckpt", str(tmp_path / "nowhere"), "--port", "0")
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        r = azgpt("serve", "--ckpt", str(ckpt), "--port", port)
+    assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in r.stderr
+    r = azgpt("serve", "--ckpt", str(ckpt), "--port", "70000")
+    assert r.returncode == 2 and "--port" in r.stderr
+    r = azgpt("serve", "--ckpt", str(ckpt), "--api-key", " ")
+    assert r.returncode == 2 and "--api-key" in r.stderr
+    r = azgpt("serve", "--ckpt", str(ckpt), "--max-batch", "0")
+    assert r.returncode == 2 and "--max-batch" in r.stderr
