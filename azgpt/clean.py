@@ -134,8 +134,8 @@ def run_clean(
         filter,
         Signer() if near is not None else None,
     )
-    lines = _count_site_lines(files, text_field) if filter and line_filter else None
     t0 = time.perf_counter()
+    lines = _count_site_lines(files, text_field) if filter and line_filter else None
     pool = ProcessPoolExecutor(workers, mp_context=worker_context()) if workers > 1 else None
     try:
         with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:

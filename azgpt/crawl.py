@@ -515,7 +515,10 @@ class Crawler:
                 kind = "bad_redirect"
             else:
                 nbytes = len(resp.body)
-                fields, links, kind = self.parse(resp)
+                try:
+                    fields, links, kind = self.parse(resp)
+                except Exception:  # a page the HTML parser or the extractor chokes on
+                    fields, links, kind = None, [], "extract_failed"
                 if fields is not None and not fields["text"]:
                     kind = "no_text"
                 elif fields is not None:
@@ -581,21 +584,26 @@ class Crawler:
             self._count("shards")
 
     def next_url(self) -> tuple[int, str, int] | None:
-        """The oldest queued URL whose host may be asked now, else the oldest queued URL."""
+        """The oldest queued URL (of the next 200) whose host may be asked now, else the one
+        whose host is ready first: one slow host does not hold up the others."""
         rows = self.db.execute(
             "SELECT id, url, depth FROM urls WHERE done=0 ORDER BY id LIMIT 200"
         ).fetchall()
         if not rows:
             return None
         now = time.time()
+        best, best_ready = rows[0], float("inf")
         for row in rows:
             org = origin(row[1])
             h = self.db.execute(
                 "SELECT last_start, last_end FROM hosts WHERE origin=?", (org,)
             ).fetchone()
-            if org not in self.robots or h is None or max(h) + self._host_delay(org) <= now:
+            ready = max(h) + self._host_delay(org) if org in self.robots and h else now
+            if ready <= now:
                 return row
-        return rows[0]
+            if ready < best_ready:
+                best, best_ready = row, ready
+        return best
 
     def close(self) -> None:
         self.http.clear()
