@@ -482,10 +482,12 @@ def test_bad_input_one_sentence(tmp_path, capsys):
     empty.write_text("# nothing\n\n", encoding="utf-8")
     err(["crawl", empty, "--out", out], "empty.txt")
     err(["crawl", bad, "--out", out, "--max-pages", "0"], "--max-pages")
-    f = tmp_path / "file"
-    f.write_text("x")
     ok = tmp_path / "ok.txt"
     ok.write_text("http://127.0.0.1:1/\n")
+    err(["crawl", ok, "--out", out, "--delay", "-1"], "--delay")
+    err(["crawl", ok, "--out", out, "--depth", "-1"], "--depth")
+    f = tmp_path / "file"
+    f.write_text("x")
     err(["crawl", ok, "--out", f], "--out")
     assert not out.exists()
 
