@@ -9,12 +9,13 @@ symlinks are swapped atomically, so a crash never leaves a half checkpoint as th
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
 import re
 import shutil
+import stat
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +23,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError, check_writable, fsync_dir
+from .errors import UserError
+from .fsutil import _umask, check_writable, fsync_dir, is_disk_full, open_no_follow
 from .model import GPT, GPTConfig
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -54,15 +56,20 @@ def read_json(path: Path, what: str) -> dict:
         raise UserError(f"{path} is missing; {what}")
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path} is not valid JSON; {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise UserError(f"{path} is not valid JSON (or nested too deeply); {what}") from None
     if not isinstance(d, dict):
         raise UserError(f"{path} does not hold a JSON object; {what}")
     return d
 
 
 def load_model(ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
-    """Build the model from config.json and load model.safetensors; returns (model, meta)."""
+    """Load a checkpoint folder; returns (model, meta).
+
+    A checkpoint may come from a stranger, so nothing is allocated before it is checked: the
+    config must describe a model within azgpt's size limit, and model.safetensors' header (read
+    alone, bounded) must hold exactly that model's tensors and shapes. Only then is the model
+    built (on the meta device, no initialisation) and filled from the file."""
     folder = Path(ckpt)
     if not folder.is_dir():
         raise UserError(
@@ -73,14 +80,77 @@ def load_model(ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     try:
         cfg = GPTConfig(**cfg_d)
         cfg.validate()
-    except (TypeError, ValueError):
+    except (TypeError, ValueError) as e:
+        why = f" ({e})" if isinstance(e, ValueError) else ""
         raise UserError(
-            f"{folder / 'config.json'} does not describe an azgpt model; {fix}"
+            f"{folder / 'config.json'} does not describe an azgpt model{why}; {fix}"
         ) from None
     meta = read_json(folder / "meta.json", fix) if (folder / "meta.json").exists() else {}
-    model = GPT(cfg)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    check_header(model, folder / "model.safetensors")
+    model = model.to_empty(device="cpu")
     load_weights(model, folder / "model.safetensors")
     return model.to(device), meta
+
+
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit for the JSON header
+
+
+def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (dtype, shape)} from a safetensors file's header, reading nothing else."""
+    bad = f"{path} is truncated or corrupt (bad safetensors header); use another checkpoint."
+    if not path.is_file():
+        raise UserError(f"{path} is missing; the checkpoint is incomplete, use another one.")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise UserError(bad)
+        n = int.from_bytes(raw, "little")
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            raise UserError(bad)
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise UserError(bad) from None
+    if not isinstance(header, dict):
+        raise UserError(bad)
+    out = {}
+    data_bytes = size - 8 - n
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (lo, hi) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            ok = (
+                all(isinstance(x, int) and x >= 0 for x in (*shape, lo, hi))
+                and lo <= hi <= data_bytes
+            )
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise UserError(bad)
+        out[name] = (dtype, shape)
+    return out
+
+
+def check_header(model: GPT, path: Path) -> None:
+    """Refuse a weights file whose tensors are not exactly this model's (before loading it)."""
+    header = read_header(path)
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != TIED}
+    missing, extra = sorted(set(own) - set(header)), sorted(set(header) - set(own))
+    if missing or extra:
+        raise UserError(
+            f"{path} does not match config.json (missing {missing[:3]}, unexpected {extra[:3]}); "
+            "use a checkpoint whose config.json and weights belong together."
+        )
+    for k, shape in own.items():
+        if header[k][1] != shape:
+            raise UserError(
+                f"{path} holds {k} of shape {header[k][1]} but config.json describes {shape}; "
+                "use a checkpoint whose config.json and weights belong together."
+            )
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -153,10 +223,20 @@ def checkpoint_tokenizer(ckpt: str | Path, meta: dict, override: str | None = No
     tok = load_tokenizer(path)
     sha = sha256_file(path)
     want = meta.get("tokenizer_sha256")
-    if want and override is None and sha != want:
+    if want and sha != want:
+        hint = (
+            "omit --tokenizer to use the copy inside the checkpoint"
+            if (folder / TOKENIZER_FILE).is_file()
+            else "pass the tokenizer it was trained with"
+        )
         raise UserError(
-            f"tokenizer {path} is not the one {folder} was trained with (sha256 differs); "
-            "pass the right one with --tokenizer."
+            f"tokenizer {path} is not the one {folder} was trained with (sha256 differs); {hint}."
+        )
+    vocab = (meta.get("config") or {}).get("model", {}).get("vocab_size")
+    if isinstance(vocab, int) and tok.get_vocab_size() > vocab:
+        raise UserError(
+            f"tokenizer {path} has {tok.get_vocab_size()} ids but the model {folder} has {vocab}; "
+            "pass the tokenizer the model was trained with."
         )
     return tok, sha, path
 
@@ -264,11 +344,19 @@ class RunLock:
         check_writable(self.path, "train.out_dir")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise UserError(
                 f"cannot use {self.path.parent} as the run folder ({e.strerror}); choose another train.out_dir."
             ) from None
+        # Never through a link, and only a plain file of our own: a planted link or hard link
+        # to another file must not get that file overwritten with our PID.
+        fd = open_no_follow(self.path, os.O_RDWR | os.O_CREAT)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            raise UserError(
+                f"{self.path} is not a plain lock file (a link or special file); remove it and rerun."
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -353,11 +441,10 @@ def save_checkpoint(
 ) -> Path:
     """Write step-NNNNNN atomically, point `last` (and `best`) at it, prune old ones."""
     final = out_dir / f"step-{step:06d}"
-    tmp = out_dir / f".tmp-step-{step:06d}-{os.getpid()}"
+    tmp = None
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-", dir=out_dir))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; checkpoints follow the umask
         save_model_files(model, tmp, model_sd)
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
@@ -372,6 +459,7 @@ def save_checkpoint(
         )
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~_umask())  # safetensors writes 0600; outputs follow the umask
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         fsync_dir(tmp)
@@ -380,9 +468,10 @@ def save_checkpoint(
         os.replace(tmp, final)
         fsync_dir(out_dir)
     except (OSError, SafetensorError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         # safetensors reports a full disk as SafetensorError("... No space left on device").
-        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e):
+        if is_disk_full(e):
             raise UserError(
                 f"the disk filled up while writing checkpoint {final}; the previous checkpoint is intact. "
                 "Free some space and rerun with --resume."

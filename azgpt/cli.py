@@ -518,6 +518,23 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"azgpt: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `azgpt sample | head`: the reader left; not an error. Point stdout at /dev/null so the
+        # interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as e:
+        from .fsutil import is_disk_full
+
+        if not is_disk_full(e):
+            raise
+        where = f" while writing {e.filename}" if getattr(e, "filename", None) else ""
+        print(
+            f"azgpt: error: the disk is full{where}; nothing was left half-written, free some "
+            "space and rerun.",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print("azgpt: interrupted", file=sys.stderr)
         return 130

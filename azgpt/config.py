@@ -17,6 +17,11 @@ class ConfigError(ValueError):
     """A run file or override that cannot be used; the message says how to fix it."""
 
 
+# A bound on model size (8 GB of fp32 weights): a config from a stranger cannot make a loader
+# allocate more than this, and far beyond what azgpt's single-node recipes train.
+MAX_PARAMS = 2_000_000_000
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 32000
@@ -37,6 +42,12 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def num_params(self) -> int:
+        """Parameters of the model this config describes (tied head counted once)."""
+        d, b = self.n_embd, int(self.bias)
+        per_layer = 12 * d * d + b * (3 * d + d + 4 * d + d) + 2 * d * (1 + b)
+        return (self.vocab_size + self.block_size) * d + self.n_layer * per_layer + d * (1 + b)
+
     def validate(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             v = getattr(self, name)
@@ -56,6 +67,11 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}.")
+        if self.num_params() > MAX_PARAMS:
+            raise ConfigError(
+                f"the model section describes {self.num_params():,} parameters, more than azgpt's "
+                f"limit of {MAX_PARAMS:,}; lower model.n_layer or model.n_embd."
+            )
 
 
 @dataclass
@@ -141,6 +157,17 @@ class TrainConfig:
             )
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"train.seed must be in [0, 2**32), got {self.seed}.")
+        for name, top in (
+            ("eval_iters", 100_000),
+            ("grad_accum", 100_000),
+            ("sample_tokens", 100_000),
+        ):
+            if getattr(self, name) > top:
+                raise ConfigError(
+                    f"train.{name}={getattr(self, name)} is absurd (at most {top:,}); use a value such as 20."
+                )
+        if not self.out_dir.strip():
+            raise ConfigError("train.out_dir is empty; give a run folder such as runs/mine.")
         if self.early_stop_patience and not self.eval_iters:
             raise ConfigError(
                 "train.early_stop_patience needs validation: set train.eval_iters > 0."

@@ -108,30 +108,50 @@ def _summary(nll: float, tokens: int, nbytes: int, docs: int) -> dict:
 def eval_texts(
     model, tok, files: list[str], *, line_docs=False, stride=None, batch_size=8, device="cpu"
 ) -> dict:
+    """Score every document of `files`, streaming: documents are cleaned, encoded (in bounded
+    pieces) and scored in groups of about GROUP_TOKENS tokens, so memory does not grow with
+    the input."""
     from tqdm.auto import tqdm
 
     paths = discover(files)
     eot = tok.token_to_id(EOT)
-    seqs, nbytes, docs = [], 0, 0
-    for d in iter_corpus(paths, Counter(), line_docs=line_docs):
-        d, _ = clean_document(d)  # the same repairs the training text went through
-        if not d:
-            continue
-        seqs.append([eot] + encode(tok, d))
-        nbytes += len(d.encode("utf-8"))
-        docs += 1
-    if not docs:
-        raise UserError(
-            f"{', '.join(files)} holds no text to score after cleaning; give files with documents."
-        )
     T = model.config.block_size
     stride = max(1, T // 2) if stride is None else stride
     if not 0 < stride <= T:
         raise UserError(f"--stride must be in [1, {T}] (the model's context), got {stride}.")
-    n_windows = sum(len(windows(len(s), T, stride)) for s in seqs)
-    with tqdm(total=n_windows, desc="eval", unit="win", leave=False) as bar:
-        nll, count = score_sequences(model, seqs, stride, batch_size, device, bar)
+    nll, count, nbytes, docs = 0.0, 0, 0, 0
+    group: list[list[int]] = []
+    size = 0
+    with tqdm(desc="eval", unit="doc", leave=False) as bar:
+
+        def score():
+            nonlocal nll, count
+            a, b = score_sequences(model, group, stride, batch_size, device)
+            nll, count = nll + a, count + b
+            bar.update(len(group))
+
+        for d in iter_corpus(paths, Counter(), line_docs=line_docs):
+            d, _ = clean_document(d)  # the same repairs the training text went through
+            if not d:
+                continue
+            seq = [eot] + encode(tok, d)
+            group.append(seq)
+            size += len(seq)
+            nbytes += len(d.encode("utf-8"))
+            docs += 1
+            if size >= GROUP_TOKENS:
+                score()
+                group, size = [], 0
+        if group:
+            score()
+    if not docs:
+        raise UserError(
+            f"{', '.join(files)} holds no text to score after cleaning; give files with documents."
+        )
     return _summary(nll, count, nbytes, docs)
+
+
+GROUP_TOKENS = 1 << 18  # tokens encoded and held at once by `eval --text`
 
 
 def eval_tokens(

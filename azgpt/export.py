@@ -7,13 +7,17 @@ Conv1D layers store their weights transposed (in_features, out_features).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
 from .checkpoint import checkpoint_tokenizer, load_model
-from .errors import UserError, fsync_dir
+from .errors import UserError
+from .fsutil import _umask, fsync_dir, is_disk_full
+from .sample import SAMPLING
 from .tokenizer import EOT
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -132,10 +136,11 @@ def export_hf(ckpt: str, out: str, *, tokenizer: str | None = None, force: bool 
     hf.tie_weights()
     hf.eval()
 
-    tmp = out_dir.parent / f".{out_dir.name}.export-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = None
     try:
-        tmp.mkdir(parents=True)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
+        os.chmod(tmp, 0o777 & ~_umask())
         hf.save_pretrained(tmp, safe_serialization=True)
         tok.encode_special_tokens = (
             False  # transformers' convention: special strings map to their ids
@@ -155,23 +160,27 @@ def export_hf(ckpt: str, out: str, *, tokenizer: str | None = None, force: bool 
             eos_token_id=eot,
             pad_token_id=pad,
             do_sample=True,
-            temperature=0.8,
-            top_k=50,
-            top_p=0.95,
-            max_new_tokens=100,
+            temperature=SAMPLING["temperature"],
+            top_k=SAMPLING["top_k"],
+            top_p=SAMPLING["top_p"],
+            max_new_tokens=SAMPLING["max_new_tokens"],
         ).save_pretrained(tmp)
         (tmp / "README.md").write_text(_model_card(meta, c, model.num_params()), encoding="utf-8")
         (tmp / "azgpt_meta.json").write_text(
             json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
+        for f in tmp.iterdir():  # safetensors writes 0600; outputs follow the umask
+            os.chmod(f, 0o666 & ~_umask())
         if out_dir.exists():
             shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
         tmp.rename(out_dir)
         fsync_dir(out_dir.parent)
     except OSError as e:
+        why = "the disk is full" if is_disk_full(e) else e.strerror
         raise UserError(
-            f"cannot write export folder {out_dir} ({e.strerror}); choose a writable --out."
+            f"cannot write export folder {out_dir} ({why}); choose a writable --out or free space."
         ) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

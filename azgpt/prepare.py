@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -22,8 +23,18 @@ import numpy as np
 from . import __version__
 from .corpus import discover, file_sha256, iter_corpus, ordered_map, worker_context
 from .data import MANIFEST, _chunked_max
-from .errors import UserError, fsync_dir, remove_if_left_empty
-from .tokenizer import eot_id, load_tokenizer, nfc, sha256_file, tiktoken_encoding, tokenizer_path
+from .errors import UserError
+from .fsutil import atomic_path, fsync_dir, is_disk_full, remove_if_left_empty
+from .tokenizer import (
+    PIECE_CHARS,
+    eot_id,
+    load_tokenizer,
+    nfc,
+    pieces,
+    sha256_file,
+    tiktoken_encoding,
+    tokenizer_path,
+)
 
 NPY_HEADER_BYTES = 128
 
@@ -104,11 +115,7 @@ def _is_val(seed: int, idx: np.ndarray, frac: float) -> np.ndarray:
 def _encode_batch(job: tuple[int, list[str], int, float]) -> tuple[bytes, bytes, int, int, int]:
     """Encode one batch of documents -> (train bytes, val bytes, n_train_docs, n_val_docs, last_train_len)."""
     start, docs, seed, frac = job
-    docs = [nfc(d) for d in docs]
-    if "enc" in _WORKER:
-        ids = _WORKER["enc"].encode_ordinary_batch(docs, num_threads=1)
-    else:
-        ids = [e.ids for e in _WORKER["tok"].encode_batch(docs, add_special_tokens=False)]
+    ids = _encode_docs([nfc(d) for d in docs])
     eot = _WORKER["eot"]
     val_mask = _is_val(seed, np.arange(start, start + len(docs)), frac)
     parts: dict[bool, list[np.ndarray]] = {False: [], True: []}
@@ -124,16 +131,70 @@ def _encode_batch(job: tuple[int, list[str], int, float]) -> tuple[bytes, bytes,
     return cat[False], cat[True], len(parts[False]), len(parts[True]), last_train_len
 
 
+GROUP_CHARS = 1 << 20  # characters per encoder call: bounds memory whatever the documents' sizes
+
+
+def _encode_docs(docs: list[str]) -> list[list[int]]:
+    """Ids of each document, encoded as bounded pieces (identical ids, see tokenizer.pieces) in
+    groups of about GROUP_CHARS characters, so one 30 MB document costs no more memory than many
+    small ones."""
+    out: list[list[int]] = [[] for _ in docs]
+    group: list[tuple[int, str]] = []
+    size = 0
+
+    def flush():
+        texts = [p for _, p in group]
+        if "enc" in _WORKER:
+            encoded = _WORKER["enc"].encode_ordinary_batch(texts, num_threads=1)
+        else:
+            encoded = [e.ids for e in _WORKER["tok"].encode_batch(texts, add_special_tokens=False)]
+        for (j, _), ids in zip(group, encoded):
+            out[j] += ids
+
+    for j, d in enumerate(docs):
+        for p in pieces(d):
+            group.append((j, p))
+            size += len(p)
+            if size >= GROUP_CHARS:
+                flush()
+                group, size = [], 0
+    if group:
+        flush()
+    return out
+
+
 def choose_backend(tok, tok_path: Path, sample: list[str]) -> str:
-    """tiktoken when it gives identical ids on `sample`, else HF tokenizers."""
+    """tiktoken when it gives identical ids on `sample` (at most ~1 MB of it), else HF
+    tokenizers."""
     enc = tiktoken_encoding(tok, tok_path)
     if enc is None:
         return "tokenizers"
+    budget = GROUP_CHARS
     for d in sample:
-        d = nfc(d)
+        if budget <= 0:
+            break
+        d = nfc(pieces(d, min(PIECE_CHARS, budget))[0])
+        budget -= len(d)
         if enc.encode_ordinary(d) != tok.encode(d, add_special_tokens=False).ids:
             return "tokenizers"
     return "tiktoken"
+
+
+def remove_stale_temps(out_dir: Path) -> None:
+    """Remove temporary token files left by a prepare that was killed (its PID is gone); those
+    of a prepare still running into the same folder are left alone."""
+    for p in out_dir.glob(".*.npy.*.tmp"):
+        parts = p.name.split(".")
+        pid = int(parts[3]) if len(parts) > 4 and parts[3].isdigit() else None
+        if pid is not None and pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue  # alive
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue  # alive, another user's
+        p.unlink(missing_ok=True)
 
 
 @dataclass
@@ -178,8 +239,7 @@ def run_prepare(
             raise UserError(
                 f"cannot write to output folder {out_dir} ({e.strerror}); choose a writable --out."
             ) from None
-        for stale in out_dir.glob(".*.npy.*.tmp"):
-            stale.unlink(missing_ok=True)
+        remove_stale_temps(out_dir)
 
         stats: Counter = Counter()
         workers = workers or (os.cpu_count() or 1)
@@ -192,7 +252,15 @@ def run_prepare(
             backend = choose_backend(tok, tok_path, sample)
 
         t0 = time.perf_counter()
-        tmp = {s: out_dir / f".{s}.npy.{os.getpid()}.tmp" for s in ("train", "val")}
+        # Unpredictable names, created exclusively (never through a planted link); the PID in
+        # the name lets a later prepare remove what a killed one left, and only that.
+        tmp = {}
+        for s in ("train", "val"):
+            fd, name = tempfile.mkstemp(
+                prefix=f".{s}.npy.{os.getpid()}.", suffix=".tmp", dir=out_dir
+            )
+            os.close(fd)
+            tmp[s] = Path(name)
         writers = {s: NpyWriter(p) for s, p in tmp.items()}
         n_docs = {"train": 0, "val": 0}
         bytes_in = 0
@@ -291,20 +359,23 @@ def run_prepare(
             (out_dir / MANIFEST).unlink(missing_ok=True)
             for s in ("train", "val"):
                 os.replace(tmp[s], out_dir / f"{s}.npy")
-            mtmp = out_dir / f".{MANIFEST}.{os.getpid()}.tmp"
-            mtmp.write_text(
-                json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-            )
-            os.replace(mtmp, out_dir / MANIFEST)
+            with atomic_path(out_dir / MANIFEST) as mtmp:
+                mtmp.write_text(
+                    json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+                )
             fsync_dir(out_dir)
         except OSError as e:
+            why = "the disk is full" if is_disk_full(e) else e.strerror
             raise UserError(
-                f"cannot write token files in {out_dir} ({e.strerror}); free space or choose another --out."
+                f"cannot write token files in {out_dir} ({why}); free space or choose another --out."
             ) from None
         finally:
             for w in writers.values():
                 if not w.f.closed:
-                    w.f.close()
+                    try:
+                        w.f.close()  # flushes: fails again on a full disk; the file goes anyway
+                    except OSError:
+                        pass
             for p in tmp.values():
                 p.unlink(missing_ok=True)
         return PrepareResult(manifest, time.perf_counter() - t0, bytes_in)

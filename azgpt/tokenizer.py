@@ -114,6 +114,53 @@ def tokenizer_path(dir_or_file: str | Path) -> Path:
     return p / "tokenizer.json" if p.is_dir() or not p.suffix else p
 
 
+MAX_TOKENIZER_BYTES = 64 << 20  # a 32k BPE tokenizer.json is ~2 MB; 256k vocabularies ~30 MB
+
+
+def check_tokenizer_json(path: Path) -> None:
+    """Refuse a tokenizer.json azgpt did not write before handing it to the Rust library: a BPE
+    model over bytes, NFC (or no) normalizer, and one of azgpt's own pre-tokenizer regexes. A
+    file from a stranger can carry a backtracking regex that makes encoding thousands of times
+    slower or panics inside Rust; models other than BPE have no byte-level decoding."""
+    fix = "use a tokenizer trained with `azgpt tokenizer train`"
+    if path.stat().st_size > MAX_TOKENIZER_BYTES:
+        raise UserError(
+            f"tokenizer file {path} is larger than {MAX_TOKENIZER_BYTES >> 20} MB; {fix}."
+        )
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise UserError(f"tokenizer file {path} is not valid JSON; {fix}.") from None
+    if not isinstance(spec, dict):
+        raise UserError(f"tokenizer file {path} is not a tokenizer; {fix}.")
+    model = spec.get("model") or {}
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        kind = model.get("type") if isinstance(model, dict) else None
+        raise UserError(
+            f"tokenizer file {path} holds a {kind or 'non-BPE'} model, not a byte-level BPE; {fix}."
+        )
+    norm = spec.get("normalizer")
+    if norm is not None and not (isinstance(norm, dict) and norm.get("type") == "NFC"):
+        raise UserError(f"tokenizer file {path} uses a normalizer azgpt does not write; {fix}.")
+    pre = spec.get("pre_tokenizer")
+    steps = (
+        pre.get("pretokenizers", [])
+        if isinstance(pre, dict) and pre.get("type") == "Sequence"
+        else [pre]
+    )
+    for step in steps:
+        if not isinstance(step, dict):
+            raise UserError(f"tokenizer file {path} has no byte-level pre-tokenizer; {fix}.")
+        if step.get("type") == "ByteLevel":
+            continue
+        pattern = (step.get("pattern") or {}).get("Regex") if step.get("type") == "Split" else None
+        if pattern not in PRETOKENIZERS.values():
+            raise UserError(
+                f"tokenizer file {path} uses a pre-tokenizer azgpt does not know "
+                f"({step.get('type')}); {fix} (untrusted regexes can stall or crash encoding)."
+            )
+
+
 def load_tokenizer(dir_or_file: str | Path) -> Tokenizer:
     """Load DIR/tokenizer.json (or the file itself); a missing or corrupt file is a UserError."""
     path = tokenizer_path(dir_or_file)
@@ -121,9 +168,14 @@ def load_tokenizer(dir_or_file: str | Path) -> Tokenizer:
         raise UserError(
             f"tokenizer file {path} does not exist; train one with `azgpt tokenizer train` or fix --tokenizer."
         )
+    check_tokenizer_json(path)
     try:
         tok = Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a plain Exception for malformed JSON
+    except (
+        BaseException
+    ) as e:  # a plain Exception for malformed JSON; a Rust panic is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
         first = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
         raise UserError(
             f"tokenizer file {path} is corrupt ({first}); retrain it with `azgpt tokenizer train`."
@@ -142,8 +194,56 @@ def eot_id(tok: Tokenizer) -> int:
     return tok.token_to_id(EOT)
 
 
+# Longest piece handed to the encoder at once. HF tokenizers holds ~175 bytes per input byte
+# while encoding (offsets, words, alignments): a 30 MB one-line document took 5.2 GB. Pieces of
+# 256 K characters keep that under ~200 MB whatever the document's length.
+PIECE_CHARS = 1 << 18
+
+
+def pieces(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
+    """Cut `text` into pieces of at most ~max_chars at places where every azgpt pre-tokenizer
+    cuts anyway, so encoding the pieces one by one gives exactly the ids of the whole.
+
+    Preferred cut: right after a newline followed by a non-space character (no pre-tokenizer
+    regex joins a newline to a following non-space). Else: before a single space that follows a
+    non-space character and precedes a letter (the space then starts the next word's piece in
+    all three regexes). A stretch with neither (hundreds of KB without a space) is cut hard."""
+    if len(text) <= max_chars:
+        return [text]
+    out, start, n = [], 0, len(text)
+    while n - start > max_chars:
+        end = start + max_chars
+        lo = start + max_chars // 2
+        cut = -1
+        i = text.rfind("\n", lo, end)
+        while i != -1:
+            if i + 1 < n and not text[i + 1].isspace():
+                cut = i + 1
+                break
+            i = text.rfind("\n", lo, i)
+        if cut == -1:
+            i = text.rfind(" ", lo, end)
+            while i != -1:
+                if i + 1 < n and text[i + 1].isalpha() and not text[i - 1].isspace():
+                    cut = i
+                    break
+                i = text.rfind(" ", lo, i)
+        if cut == -1:
+            cut = end
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return out
+
+
 def encode(tok: Tokenizer, text: str) -> list[int]:
-    return tok.encode(text, add_special_tokens=False).ids
+    """Ids of `text` (no special tokens added), in bounded memory for any length."""
+    if len(text) <= PIECE_CHARS:
+        return tok.encode(text, add_special_tokens=False).ids
+    ids: list[int] = []
+    for p in pieces(text):
+        ids += tok.encode(p, add_special_tokens=False).ids
+    return ids
 
 
 def decode(tok: Tokenizer, ids: Iterable[int]) -> str:
@@ -236,6 +336,8 @@ def fertility(tok: Tokenizer, texts: Iterable[str]) -> dict:
             k = cache.get(w)
             if k is None:
                 # A word as it appears mid-sentence: after a space.
+                if len(cache) >= 200_000:  # bounded: a huge corpus has millions of word forms
+                    cache.clear()
                 k = cache[w] = len(encode(tok, " " + w))
             split3 += k >= 3
     if n_words == 0:

@@ -43,6 +43,7 @@ from .checkpoint import (
 from .config import RunConfig
 from .data import TokenData
 from .errors import UserError
+from .fsutil import atomic_path, open_no_follow
 from .model import GPT
 from .optim import lr_at, make_optimizer
 from .sample import SAMPLING
@@ -193,11 +194,12 @@ def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
     """Train (or, with `resume`, continue) the run `cfg` describes."""
     tc = cfg.train
     accelerator = make_accelerator(cfg)
+    inputs = read_inputs(cfg)  # read-only checks first: a refused run creates no file at all
     lock = RunLock(Path(tc.out_dir))
     if accelerator.is_main_process:
         lock.acquire()
     try:
-        run = setup(cfg, resume, accelerator)
+        run = setup(cfg, resume, accelerator, inputs)
         return loop(run)
     except torch.cuda.OutOfMemoryError:
         raise UserError(
@@ -244,18 +246,11 @@ def make_accelerator(cfg: RunConfig):
     return accelerator
 
 
-def setup(cfg: RunConfig, resume: bool, accelerator) -> Run:
-    """Data, tokenizer, model and optimizer, restored from the latest checkpoint on resume."""
-    from accelerate.utils import DistributedType, set_seed
+def read_inputs(cfg: RunConfig) -> tuple[TokenData, object, np.ndarray]:
+    """The token files and the tokenizer, checked against each other and the model."""
+    from .tokenizer import load_tokenizer, token_byte_lengths
 
-    from .tokenizer import load_tokenizer, token_byte_lengths, tokenizer_path
-
-    tc, mc = cfg.train, cfg.model
-    out_dir = Path(tc.out_dir)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        clean_stale_temps(out_dir)
-
+    mc = cfg.model
     data = TokenData(cfg.data.dir, mc.block_size, mc.vocab_size, tokenizer=cfg.data.tokenizer)
     tok = load_tokenizer(cfg.data.tokenizer)
     if tok.get_vocab_size() > mc.vocab_size:
@@ -264,6 +259,21 @@ def setup(cfg: RunConfig, resume: bool, accelerator) -> Run:
         )
     byte_lens = token_byte_lengths(tok)
     byte_lens = np.pad(byte_lens, (0, max(0, mc.vocab_size - len(byte_lens))))
+    return data, tok, byte_lens
+
+
+def setup(cfg: RunConfig, resume: bool, accelerator, inputs) -> Run:
+    """Model and optimizer, restored from the latest checkpoint on resume."""
+    from accelerate.utils import DistributedType, set_seed
+
+    from .tokenizer import tokenizer_path
+
+    tc, mc = cfg.train, cfg.model
+    out_dir = Path(tc.out_dir)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(out_dir)
+    data, tok, byte_lens = inputs
 
     ckpt = find_checkpoint(out_dir, resume, accelerator)
     if ckpt is not None:
@@ -665,7 +675,8 @@ class Logger:
 
     def write(self, row: dict) -> None:
         if self.run.main:
-            with open(self.path, "a", encoding="utf-8") as f:
+            fd = open_no_follow(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            with open(fd, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
 
     def print(self, msg: str) -> None:
@@ -754,8 +765,15 @@ class Logger:
 def loop(run: Run) -> TrainResult:
     from .report import plot_losses
 
-    tc, st = run.cfg.train, run.state
     log = Logger(run)
+    try:
+        return _loop(run, log, plot_losses)
+    finally:
+        log.close()  # ends the progress bar's line, so an error message starts on its own
+
+
+def _loop(run: Run, log: Logger, plot_losses) -> TrainResult:
+    tc, st = run.cfg.train, run.state
     end = min(tc.max_iters, tc.stop_at) if tc.stop_at else tc.max_iters
     ok, first = True, True
     while st.step < end:
@@ -834,6 +852,5 @@ def truncate_metrics(path: Path, step: int) -> None:
             isinstance(row.get("step"), int) and row["step"] <= step
         ):
             keep.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(keep) + "\n" if keep else "", encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(keep) + "\n" if keep else "", encoding="utf-8")

@@ -1,0 +1,327 @@
+"""Untrusted files, hostile paths, huge inputs and full disks: each test is a way a user could
+lose data or a machine, and shows that azgpt does not let it happen."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from trainkit import SAMPLE, azgpt, make_data, tiny_config
+
+from azgpt.errors import UserError
+from azgpt.train import train
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("harddata"))
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    tok, d = data
+    out = tmp_path_factory.mktemp("hardrun") / "run"
+    train(tiny_config(tok, d, out, **{"train.max_iters": 4}))
+    return out
+
+
+def _one_sentence(r) -> str:
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = [x for x in r.stderr.splitlines() if x.startswith("azgpt: error:")]
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def _copy_ckpt(run, tmp_path) -> Path:
+    import shutil
+
+    ck = tmp_path / "ck"
+    shutil.copytree(run / "last", ck)
+    return ck
+
+
+# ----------------------------------------------------------------------------- untrusted checkpoints
+
+
+def _peak_rss_of(code: str) -> tuple[subprocess.CompletedProcess, int]:
+    """Run `code` in a fresh interpreter; return it and its peak RSS in MB."""
+    probe = (
+        code
+        + "\nimport resource, sys\n"
+        + "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, file=sys.stderr)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    peak = int(r.stderr.rsplit("PEAK", 1)[1].split()[0])
+    return r, peak
+
+
+def test_a_huge_config_json_is_refused_before_any_allocation(run, tmp_path):
+    ck = _copy_ckpt(run, tmp_path)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg.update(n_layer=100, n_embd=4096, n_head=32)  # 20B parameters: 80 GB
+    (ck / "config.json").write_text(json.dumps(cfg))
+    r = azgpt("sample", "--ckpt", str(ck), "--prompt", "Bakı")
+    assert "more than azgpt's limit" in _one_sentence(r)
+
+
+def test_a_config_that_disagrees_with_the_weights_allocates_nothing(run, tmp_path):
+    """Within the size limit (750M parameters, 3 GB) but not what model.safetensors holds: the
+    header is compared first, so the loader never builds the big model."""
+    ck = _copy_ckpt(run, tmp_path)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg.update(n_layer=60, n_embd=1024, n_head=16)
+    (ck / "config.json").write_text(json.dumps(cfg))
+    code = (
+        "from azgpt.checkpoint import load_model\n"
+        "from azgpt.errors import UserError\n"
+        "try:\n"
+        f"    load_model({str(ck)!r})\n"
+        "except UserError as e:\n"
+        "    print('REFUSED', e)\n"
+    )
+    r, peak_mb = _peak_rss_of(code)
+    assert "REFUSED" in r.stdout and "does not match config.json" in r.stdout, r.stderr[-2000:]
+    assert peak_mb < 1500, f"peak RSS {peak_mb} MB: the model was built before the check"
+
+
+def test_a_weights_file_with_a_lying_header_is_refused(run, tmp_path):
+    ck = _copy_ckpt(run, tmp_path)
+    f = ck / "model.safetensors"
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["data_offsets"] = [0, 10**12]  # points past the end of the file
+    body = json.dumps(header).encode()
+    f.write_bytes(len(body).to_bytes(8, "little") + body + raw[8 + n :])
+    r = azgpt("sample", "--ckpt", str(ck))
+    assert "truncated or corrupt" in _one_sentence(r)
+
+
+def test_a_wrong_tokenizer_for_the_checkpoint_is_refused(run, data, tmp_path):
+    from azgpt.tokenizer import save_tokenizer, train_tokenizer
+
+    other = tmp_path / "other_tok"
+    texts = [p.read_text(encoding="utf-8") for p in sorted(SAMPLE.glob("*.txt"))][:2]
+    save_tokenizer(train_tokenizer(texts, vocab_size=400), other)
+    doc = tmp_path / "d.txt"
+    doc.write_text("Bakı Azərbaycanın paytaxtıdır.\n", encoding="utf-8")
+    for cmd in (
+        ["sample", "--ckpt", str(run / "last"), "--tokenizer", str(other)],
+        ["eval", "--ckpt", str(run / "last"), "--tokenizer", str(other), "--text", str(doc)],
+        [
+            "export",
+            "--ckpt",
+            str(run / "last"),
+            "--tokenizer",
+            str(other),
+            "--out",
+            str(tmp_path / "hf"),
+        ],
+    ):
+        line = _one_sentence(azgpt(*cmd))
+        assert "is not the one" in line and "omit --tokenizer" in line, line
+    assert not (tmp_path / "hf").exists()
+
+
+def test_an_untrusted_tokenizer_regex_is_refused(run, tmp_path):
+    from azgpt.tokenizer import load_tokenizer
+
+    spec = json.loads((run / "last" / "tokenizer.json").read_text())
+    spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = "(a+)+$"  # backtracks
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text(json.dumps(spec))
+    with pytest.raises(UserError, match="pre-tokenizer azgpt does not know"):
+        load_tokenizer(bad)
+    spec["model"]["type"] = "WordPiece"
+    bad.write_text(json.dumps(spec))
+    with pytest.raises(UserError, match="WordPiece model, not a byte-level BPE"):
+        load_tokenizer(bad)
+
+
+def test_deeply_nested_json_is_a_clear_error(run, tmp_path):
+    ck = _copy_ckpt(run, tmp_path)
+    (ck / "meta.json").write_text("[" * 100_000 + "]" * 100_000)
+    line = _one_sentence(azgpt("sample", "--ckpt", str(ck)))
+    assert "meta.json" in line
+
+
+# ----------------------------------------------------------------------------- links and special files
+
+
+def test_a_lock_file_that_is_a_link_is_never_written_through(data, tmp_path):
+    tok, d = data
+    victim = tmp_path / "precious.txt"
+    victim.write_text("do not touch\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    os.symlink(victim, out / ".lock")
+    with pytest.raises(UserError, match="symbolic link"):
+        train(tiny_config(tok, d, out))
+    assert victim.read_text() == "do not touch\n"
+    (out / ".lock").unlink()
+    os.link(victim, out / ".lock")  # a hard link: same file, two names
+    with pytest.raises(UserError, match="not a plain lock file"):
+        train(tiny_config(tok, d, out))
+    assert victim.read_text() == "do not touch\n"
+
+
+def test_prepare_never_writes_through_a_planted_manifest_link(data, tmp_path):
+    from azgpt.prepare import run_prepare
+
+    tok, _ = data
+    victim = tmp_path / "precious.txt"
+    victim.write_text("do not touch\n")
+    out = tmp_path / "data"
+    out.mkdir()
+    os.symlink(victim, out / "manifest.json")
+    run_prepare([str(SAMPLE)], str(tok), str(out), val_fraction=0.1, workers=1)
+    assert victim.read_text() == "do not touch\n"
+    assert not (out / "manifest.json").is_symlink()
+    assert json.loads((out / "manifest.json").read_text())["train"]["tokens"] > 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating a device node needs root")
+def test_out_onto_a_device_node_writes_into_it_and_keeps_it(tmp_path):
+    node = tmp_path / "null"
+    os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # a private /dev/null
+    report = tmp_path / "report.json"
+    r = azgpt("clean", str(SAMPLE), "--out", str(node), "--report", str(report))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert stat.S_ISCHR(os.stat(node).st_mode), "the device node was replaced by a file"
+    assert json.loads(report.read_text())["documents_out"] > 0
+
+
+def test_outputs_follow_the_umask(run):
+    for f in ("model.safetensors", "tokenizer.json", "meta.json"):
+        assert os.stat(run / "last" / f).st_mode & 0o044, f  # readable by group/others (umask 022)
+    assert os.stat((run / "last").resolve()).st_mode & 0o055
+
+
+def test_a_refused_train_creates_nothing(data, tmp_path):
+    tok, d = data
+    out = tmp_path / "never"
+    r = azgpt("train", *[f"--{k}" for k in ()], "--config", str(Path(__file__).parents[1] / "configs/tiny.toml"),
+              f"--data.dir={tmp_path / 'missing'}", f"--data.tokenizer={tok}", f"--train.out_dir={out}",
+              "--train.device=cpu")  # fmt: skip
+    _one_sentence(r)
+    assert not out.exists(), list(out.rglob("*"))
+
+
+# ----------------------------------------------------------------------------- huge inputs
+
+
+@pytest.mark.parametrize("pretok", ["gpt4", "az", "gpt2"])
+def test_long_documents_encode_in_pieces_with_identical_ids(pretok, monkeypatch):
+    """A document with no blank lines is one document however long; it is encoded in bounded
+    pieces, cut where every pre-tokenizer cuts anyway, and gives exactly the ids of the whole."""
+    import azgpt.tokenizer as T
+
+    texts = [p.read_text(encoding="utf-8") for p in sorted(SAMPLE.glob("*.txt"))]
+    tok = T.train_tokenizer(texts, vocab_size=600, pretokenizer=pretok)
+    one_line = " ".join(t.replace("\n", " ") for t in texts)  # no newline at all
+    lines = "\n".join(texts).replace("\n\n", "\n")
+    for text in (one_line, lines, "ə" * 5000 + " " + "ş" * 5000):
+        whole = tok.encode(text, add_special_tokens=False).ids
+        monkeypatch.setattr(T, "PIECE_CHARS", 997)
+        assert len(T.pieces(text, 997)) > 3
+        assert T.encode(tok, text) == whole
+        monkeypatch.undo()
+
+
+def test_prepare_of_one_long_document_gives_the_ids_of_the_whole(data, tmp_path, monkeypatch):
+    import numpy as np
+
+    import azgpt.prepare as P
+    import azgpt.tokenizer as T
+    from azgpt.tokenizer import load_tokenizer
+
+    tok_dir, _ = data
+    texts = [p.read_text(encoding="utf-8") for p in sorted(SAMPLE.glob("*.txt"))]
+    big = tmp_path / "in" / "big.txt"
+    big.parent.mkdir()
+    big.write_text("\n".join(texts).replace("\n\n", "\n"), encoding="utf-8")
+    small = tmp_path / "in" / "small.txt"
+    small.write_text("Bakı gözəl şəhərdir.\n", encoding="utf-8")
+    monkeypatch.setattr(P, "PIECE_CHARS", 1000)
+    monkeypatch.setattr(T, "PIECE_CHARS", 1000)
+    monkeypatch.setattr(P, "GROUP_CHARS", 5000)
+    res = P.run_prepare([str(big.parent)], str(tok_dir), str(tmp_path / "d"), val_fraction=0.4,
+                        workers=1, backend="tokenizers")  # fmt: skip
+    tok = load_tokenizer(tok_dir)
+    from collections import Counter
+
+    from azgpt.corpus import discover, iter_corpus
+
+    (doc,) = iter_corpus(discover([big]), Counter())  # the one document, as prepare reads it
+    assert len(doc) > 20_000
+    want = tok.encode(T.nfc(doc), add_special_tokens=False).ids
+    got = np.concatenate([np.load(tmp_path / "d" / f"{s}.npy") for s in ("train", "val")]).tolist()
+    eot = tok.token_to_id("<|endoftext|>")
+    docs, cur = [], []
+    for t in got:
+        if t == eot:
+            docs.append(cur)
+            cur = []
+        else:
+            cur.append(t)
+    assert (
+        want in docs and res.manifest["train"]["documents"] + res.manifest["val"]["documents"] == 2
+    )
+
+
+# ----------------------------------------------------------------------------- full disks (a real one)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 900 KB file system (tmpfs), where the machine lets us mount one."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=900k", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)  # fmt: skip
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()[:80]})")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_disk_filling_up_mid_checkpoint_is_one_sentence_and_leaves_no_temp(data, small_disk):
+    tok, d = data
+    from trainkit import train_cli
+
+    out = small_disk / "run"
+    r = train_cli(
+        tok, d, out, **{"train.max_iters": 40, "train.eval_interval": 4, "train.keep_last": 50}
+    )
+    line = _one_sentence(r)
+    assert "disk filled up" in line and "previous checkpoint is intact" in line, line
+    assert not list(out.glob(".tmp-step-*"))
+    last = out / "last"
+    assert last.exists() and (last / "model.safetensors").is_file()
+
+
+def test_full_disks_in_clean_and_prepare_are_one_sentence(data, small_disk, tmp_path):
+    tok, _ = data
+    big = tmp_path / "big.txt"
+    body = "\n\n".join(p.read_text(encoding="utf-8") for p in sorted(SAMPLE.glob("*.txt")))
+    big.write_text((body + "\n\n") * 15, encoding="utf-8")  # ~1.2 MB, more than the disk
+    r = azgpt("clean", str(big), "--out", str(small_disk / "clean.txt"), "--no-filter")
+    assert "disk is full" in _one_sentence(r)
+    assert not (small_disk / "clean.txt").exists()
+    assert not [p for p in small_disk.iterdir() if p.name.startswith(".")], list(
+        small_disk.iterdir()
+    )
+    (small_disk / "clean.txt").unlink(missing_ok=True)
+    big.write_text((body + "\n\n") * 40, encoding="utf-8")  # token files larger than the disk
+    r = azgpt("prepare", str(big), "--tokenizer", str(tok), "--out", str(small_disk / "data"))
+    line = _one_sentence(r)
+    assert "free" in line and "space" in line, line
+    left = list((small_disk / "data").glob("*")) + list((small_disk / "data").glob(".*"))
+    assert not left, left
