@@ -445,3 +445,23 @@ def test_golden_losses_of_a_fixed_tiny_run(data, tmp_path):
         GOLDEN.write_text(json.dumps({"losses": got}, indent=1) + "\n")
     want = json.loads(GOLDEN.read_text())["losses"]
     assert got == pytest.approx(want, rel=2e-4, abs=1e-4)
+
+
+def test_resume_applies_changed_betas_and_weight_decay(data, tmp_path, capsys):
+    """The config's AdamW betas and weight decay win over the checkpoint's, and the change is
+    said; meta.json then records what was really used."""
+    from azgpt.checkpoint import read_trainer_state
+
+    tok, d = data
+    run = tmp_path / "r"
+    train(tiny_config(tok, d, run, **{"train.stop_at": 4}))
+    over = {"train.beta2": 0.99, "train.weight_decay": 0.05}
+    train(tiny_config(tok, d, run, **{"train.stop_at": 8, **over}), resume=True)
+    assert (
+        "resume: AdamW betas (0.9, 0.95) -> (0.9, 0.99), weight decay 0.1 -> 0.05"
+        in capsys.readouterr().out
+    )
+    info, _ = read_trainer_state(run / "step-000008")
+    groups = info["optimizer"]["param_groups"]
+    assert {tuple(g["betas"]) for g in groups} == {(0.9, 0.99)}
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.05]
