@@ -39,11 +39,18 @@ def _positive_int(name):
 def cmd_clean(a) -> int:
     from .clean import run_clean, write_report
     from .corpus import default_workers
-    from .errors import check_writable
+    from .fsutil import check_writable
 
     check_writable(a.out, "--out")
     if a.report:
         check_writable(a.report, "--report")
+        if Path(a.report).resolve() == Path(a.out).resolve() and not Path(a.out).is_char_device():
+            raise UserError("--report and --out name the same file; give the report its own name.")
+        inputs = {Path(p).resolve() for p in a.inputs}
+        if Path(a.report).resolve() in inputs:
+            raise UserError(
+                f"--report {a.report} is one of the inputs; give the report its own name."
+            )
     report = run_clean(
         a.inputs,
         a.out,

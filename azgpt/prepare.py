@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -296,6 +297,7 @@ def run_prepare(
                 pool = None
                 _init_worker(str(tok_path), backend, tok)
             try:
+                sizes = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in files}
                 for tr, va, ntr, nva, ltl in ordered_map(
                     _encode_batch, jobs(), pool, window=2 * workers
                 ):
@@ -305,9 +307,19 @@ def run_prepare(
                     n_docs["val"] += nva
                     if ntr:
                         last_train_len = ltl
+            except BrokenProcessPool:
+                raise UserError(
+                    "a prepare worker process died (out of memory, or killed); rerun, with fewer "
+                    "--workers if memory is short."
+                ) from None
             finally:
                 if pool is not None:
                     pool.shutdown(cancel_futures=True)
+            for p, was in sizes.items():
+                if (p.stat().st_size, p.stat().st_mtime_ns) != was:
+                    raise UserError(
+                        f"{p} changed while prepare was reading it; rerun when nothing writes to it."
+                    )
             if n_docs["train"] + n_docs["val"] == 0:
                 raise UserError(
                     f"no documents found in {', '.join(map(str, inputs))}; give files that hold text."

@@ -325,3 +325,35 @@ def test_full_disks_in_clean_and_prepare_are_one_sentence(data, small_disk, tmp_
     assert "free" in line and "space" in line, line
     left = list((small_disk / "data").glob("*")) + list((small_disk / "data").glob(".*"))
     assert not left, left
+
+
+def test_report_onto_the_output_or_an_input_is_refused(tmp_path):
+    out = tmp_path / "clean.txt"
+    line = _one_sentence(azgpt("clean", str(SAMPLE), "--out", str(out), "--report", str(out)))
+    assert "same file" in line and not out.exists()
+    src = tmp_path / "src.txt"
+    src.write_text("Bakı Azərbaycanın paytaxtıdır.\n", encoding="utf-8")
+    line = _one_sentence(azgpt("clean", str(src), "--out", str(out), "--report", str(src)))
+    assert "one of the inputs" in line
+    assert src.read_text(encoding="utf-8") == "Bakı Azərbaycanın paytaxtıdır.\n"
+
+
+def test_a_file_truncated_while_prepare_reads_it_is_refused(data, tmp_path, monkeypatch):
+    import azgpt.prepare as P
+
+    tok, _ = data
+    src = tmp_path / "in.txt"
+    body = "\n\n".join(p.read_text(encoding="utf-8") for p in sorted(SAMPLE.glob("*.txt")))
+    src.write_text(body, encoding="utf-8")
+    real = P.iter_corpus
+
+    def truncating(files, *a, **k):
+        for i, d in enumerate(real(files, *a, **k)):
+            if i == 3:
+                src.write_text("", encoding="utf-8")  # another program empties the file
+            yield d
+
+    monkeypatch.setattr(P, "iter_corpus", truncating)
+    with pytest.raises(UserError, match="changed while prepare was reading it"):
+        P.run_prepare([str(src)], str(tok), str(tmp_path / "d"), workers=1, backend="tokenizers")
+    assert not (tmp_path / "d" / "manifest.json").exists()
