@@ -170,13 +170,20 @@ def eval_tokens(
             f"({model.config.vocab_size}); evaluate token files prepared with the checkpoint's tokenizer."
         )
     man = Path(path).parent / "manifest.json"
-    if man.is_file():
-        want = read_manifest(man.parent)["tokenizer"]["sha256"]
-        if tok_sha is not None and tok_sha != want:
-            raise UserError(
-                f"token file {path} was prepared with another tokenizer than the checkpoint's (sha256 differs); "
-                "prepare it again with the checkpoint's tokenizer."
-            )
+    want = read_manifest(man.parent)["tokenizer"]["sha256"] if man.is_file() else None
+    if want is None:
+        import warnings
+
+        warnings.warn(
+            f"{path} has no manifest.json beside it: its tokenizer cannot be checked against the "
+            "checkpoint's; the numbers are right only if it was encoded with that tokenizer",
+            stacklevel=2,
+        )
+    elif tok_sha is not None and tok_sha != want:
+        raise UserError(
+            f"token file {path} was prepared with another tokenizer than the checkpoint's (sha256 differs); "
+            "prepare it again with the checkpoint's tokenizer."
+        )
     from tqdm.auto import tqdm
 
     lens = token_byte_lengths(tok)
