@@ -130,8 +130,9 @@ def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams], generato
     whose mass reaches top-p), batched: rows that share a (top_k, uses top-p) shape are sampled
     with one topk/sort/softmax call, so a row's arithmetic does not depend on the other rows
     (a request gets the same tokens batched as alone). One uniform number per row from the
-    request's generator picks the token by inverse CDF. Per-row calls cost 7.6 ms for 8 rows
-    of the 2,048-id demo model against a 11.7 ms forward pass; grouped, ~1 ms.
+    request's generator picks the token by inverse CDF. For 8 rows with Ollama's defaults,
+    row-by-row `sample_next` took 8.6 ms (2,048 ids) and 52 ms (32,000 ids); grouped, 0.6 and
+    8.5 ms.
     """
     n, vocab = logits.shape
     out = logits.argmax(dim=-1).tolist()  # greedy rows keep these
