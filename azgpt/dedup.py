@@ -35,6 +35,7 @@ SHINGLE_WORDS = 5
 MIN_WORDS = 20
 BANDS, ROWS = 12, 6
 _BLOCK = 16384
+_SIGN_SLICE = 4096
 _WORD = re.compile(r"\w+")
 
 
@@ -90,9 +91,11 @@ class Signer:
             self.num_perm, seed=1, hashfunc=zlib.crc32, permutations=t.permutations, scheme=t.scheme
         )
         n = SHINGLE_WORDS
-        m.update_batch(
-            {" ".join(words[i : i + n]).encode("utf-8") for i in range(len(words) - n + 1)}
-        )
+        shingles = list({" ".join(words[i : i + n]) for i in range(len(words) - n + 1)})
+        # In slices: datasketch builds a (shingles x permutations) matrix and temporaries of it;
+        # whole, a 700 KB legal code (100,000 shingles) took ~150 MB more peak memory.
+        for k in range(0, len(shingles), _SIGN_SLICE):
+            m.update_batch([x.encode("utf-8") for x in shingles[k : k + _SIGN_SLICE]])
         return m.hashvalues
 
 
