@@ -647,3 +647,15 @@ def test_cli_bad_input_is_one_sentence_and_exit_2(ckpt, tmp_path):
     assert r.returncode == 2 and "--api-key" in r.stderr
     r = azgpt("serve", "--ckpt", str(ckpt), "--max-batch", "0")
     assert r.returncode == 2 and "--max-batch" in r.stderr
+
+
+def test_a_stop_string_ends_the_text_right_before_it(loaded):
+    model, tok = loaded
+    with Engine(model, tok) as eng:
+        ids = eng.prompt_ids(PROMPT)
+        greedy = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+        text, _ = eng.complete(ids, greedy)
+        stop = text[len(text) // 2 : len(text) // 2 + 3]
+        assert len(stop) == 3
+        cut, fin = eng.complete(ids, SamplingParams(**{**greedy.__dict__, "stop": ("\x00", stop)}))
+    assert cut == text[: text.index(stop)] and fin.reason == "stop"
