@@ -659,3 +659,34 @@ def test_a_stop_string_ends_the_text_right_before_it(loaded):
         assert len(stop) == 3
         cut, fin = eng.complete(ids, SamplingParams(**{**greedy.__dict__, "stop": ("\x00", stop)}))
     assert cut == text[: text.index(stop)] and fin.reason == "stop"
+
+
+def test_llama_arch_decodes_batched_like_plain_forward_passes(loaded):
+    """Rotary positions, grouped-query heads: the engine's cache slots and shifts still give the
+    greedy tokens of plain forward passes."""
+    from azgpt.config import ModelConfig
+
+    if "arch" not in ModelConfig.__dataclass_fields__:
+        pytest.skip("this model has no llama flavour")
+    _, tok = loaded
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        arch="llama", vocab_size=tok.get_vocab_size(), block_size=32, n_layer=2, n_head=4,
+        n_kv_head=2, n_embd=32, bias=False,
+    )  # fmt: skip
+    model = GPT(cfg).eval()
+    params = SamplingParams(max_tokens=70, temperature=0, ignore_eos=True)
+    with Engine(model, tok, max_batch=2) as eng:
+        ids = eng.prompt_ids(PROMPT)
+        other = []
+        eng.submit(eng.prompt_ids("Şəki"), SamplingParams(max_tokens=9, seed=4), other.append)
+        _, fin = eng.complete(ids, params)
+    seq, start = list(ids), 0
+    with torch.no_grad():
+        for _ in range(params.max_tokens):
+            if len(seq) - 1 - start >= cfg.block_size:
+                start = len(seq) - cfg.block_size // 2
+            logits = model(torch.tensor([seq[start:]]))[0, -1]
+            logits[sorted(eng.specials)] = float("-inf")
+            seq.append(int(logits.argmax()))
+    assert fin.context == seq

@@ -421,6 +421,7 @@ def create_app(
     page = (resources.files("azgpt.serve") / "static" / "index.html").read_text(encoding="utf-8")
     weights = Path(ckpt) / "model.safetensors" if ckpt else None
     n_params = engine.model.num_params()
+    family = getattr(engine.config, "arch", "gpt2")  # "gpt2" or "llama"
     info: dict[str, Any] = {}
 
     @asynccontextmanager
@@ -661,8 +662,8 @@ def create_app(
                     "details": {
                         "parent_model": "",
                         "format": "safetensors",
-                        "family": "gpt2",
-                        "families": ["gpt2"],
+                        "family": family,
+                        "families": [family],
                         "parameter_size": _human_params(n_params),
                         "quantization_level": str(engine.model.lm_head.weight.dtype)
                         .removeprefix("torch.")
