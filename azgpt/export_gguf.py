@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -29,13 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError, atomic_path, fsync_dir
+from .sample import SAMPLING  # the Modelfile samples as `azgpt sample` does
 from .tokenizer import EOT, PRETOKENIZERS, build_tokenizer
 
 QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_k_m")
 LLAMA_CPP_PRE = "llama-bpe"  # llama.cpp's name for Llama-3's regex = azgpt's "gpt4"
 PAD = "<|pad|>"
-# What `azgpt sample` uses by default; the Modelfile gives Ollama the same.
-SAMPLING = {"temperature": 0.8, "top_k": 50, "top_p": 0.95}
 
 
 def _retrain_hint() -> str:
@@ -324,9 +324,17 @@ def quantize_with_llama_cpp(src: Path, dst: Path, quant: str) -> None:
     params.ftype = ftype
     params.nthread = min(os.cpu_count() or 1, 8)
     _check_space(dst, src.stat().st_size // 3)
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    # llama.cpp logs a line per tensor through llama-cpp-python's logger; azgpt reports the
+    # outcome in one line instead.
+    log = logging.getLogger("llama-cpp-python")
+    level = log.level
+    log.setLevel(logging.CRITICAL + 1)
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    finally:
+        log.setLevel(level)
     if rc != 0:
-        raise OSError(errno.EIO, f"llama.cpp's quantizer failed (code {rc})")
+        raise OSError(errno.EIO, "llama.cpp's quantizer could not write it; is the disk full?")
 
 
 # ----------------------------------------------------------------------------- Modelfile

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from trainkit import SAMPLE, azgpt, make_data, tiny_config
+from trainkit import SAMPLE, make_data, tiny_config
 
 from azgpt.checkpoint import load_model
 from azgpt.errors import UserError
@@ -97,7 +97,7 @@ def _llama(path, **kw):
         n_ctx=BLOCK,
         n_batch=BLOCK,
         n_ubatch=BLOCK,
-        n_threads=2,
+        n_threads=1,  # the machine running the tests is shared; 2 threads spin-wait
         logits_all=True,
         verbose=False,
         **kw,
@@ -236,18 +236,19 @@ def _bits_per_byte(llm, tok, docs) -> float:
 def test_quantized_files_stay_close_to_f32(exported, tok):
     need_llama_cpp()
     text = (SAMPLE / "dialogue.txt").read_text(encoding="utf-8")
-    docs = [d for d in text.split("\n\n") if d.strip()][:24]
+    docs = [d for d in text.split("\n\n") if d.strip()][:6]
     bpb = {q: _bits_per_byte(_llama(p), tok, docs) for q, p in exported.items()}
     size = {q: p.stat().st_size for q, p in exported.items()}
-    # A 2.7M-parameter model trained for 24 steps; measured: f16 +0.00%, q8_0 +0.0x%,
-    # q4_0 and q4_k_m a few percent (bench/gguf.py has the numbers for a real model).
-    assert bpb["f16"] == pytest.approx(bpb["f32"], rel=1e-3)
-    assert bpb["q8_0"] == pytest.approx(bpb["f32"], rel=5e-3)
-    assert bpb["q4_0"] == pytest.approx(bpb["f32"], rel=0.1)
+    # A barely trained 2.7M-parameter model (24 steps, bpb 3.28) has flat logits, so every
+    # type lands close: measured relative changes f16 6e-7, q8_0 3e-6, q4_0 2e-5, q4_k_m 7e-5.
+    # A wrong layout or scale moves bpb by far more. bench/gguf.py measures a trained model.
+    assert bpb["f16"] == pytest.approx(bpb["f32"], rel=1e-4)
+    assert bpb["q8_0"] == pytest.approx(bpb["f32"], rel=1e-3)
+    assert bpb["q4_0"] == pytest.approx(bpb["f32"], rel=1e-2)
     assert size["f16"] < 0.6 * size["f32"] and size["q8_0"] < 0.6 * size["f16"]
     assert size["q4_0"] < size["q8_0"]
     if "q4_k_m" in exported:
-        assert bpb["q4_k_m"] == pytest.approx(bpb["f32"], rel=0.05)
+        assert bpb["q4_k_m"] == pytest.approx(bpb["f32"], rel=1e-2)
         assert size["q4_k_m"] < size["q8_0"]
 
 
@@ -362,14 +363,13 @@ def test_default_modelfile_beside_the_gguf_and_elsewhere(run, tmp_path):
     assert "FROM ../b/m.gguf" in mf.read_text()
 
 
-def test_cli_writes_the_files(run, tmp_path):
-    r = azgpt(
-        "export", "--ckpt", str(run[0]), "--format", "gguf", "--quant", "q4_0",
-        "--out", str(tmp_path / "m.gguf"),
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr
+def test_cli_writes_the_files(run, tmp_path, capsys):
+    from azgpt.cli import main
+
+    args = _gguf_args(run[0], tmp_path / "m.gguf", "--quant", "q4_0")
+    assert main([str(a) for a in args]) == 0
     assert (tmp_path / "m.gguf").is_file() and (tmp_path / "Modelfile").is_file()
-    assert "q4_0" in r.stdout
+    assert "q4_0" in capsys.readouterr().out
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
     assert types["blk.0.attn_qkv.weight"] == "Q4_0"
     assert types["token_embd.weight"] == "Q8_0"  # the tied output head keeps 8 bits
@@ -470,14 +470,20 @@ def test_quant_without_gguf_format(run, tmp_path, capsys):
 
 
 def test_incompatible_tokenizer_is_refused_before_writing(run, tmp_path, capsys):
-    from azgpt.tokenizer import save_tokenizer
+    # A checkpoint whose tokenizer uses azgpt's "az" regex, which llama.cpp cannot run.
+    from azgpt.tokenizer import save_tokenizer, sha256_file
 
     texts = [p.read_text(encoding="utf-8") for p in sorted(SAMPLE.glob("*.txt"))]
-    az = save_tokenizer(
-        train_tokenizer(texts, vocab_size=VOCAB, pretokenizer="az"), tmp_path / "az"
-    )
+    ck = tmp_path / "ck"
+    shutil.copytree(run[0], ck)
+    tok = train_tokenizer(texts, vocab_size=VOCAB, pretokenizer="az")
+    save_tokenizer(tok, tmp_path / "az")
+    shutil.copy(tmp_path / "az" / "tokenizer.json", ck / "tokenizer.json")
+    meta = json.loads((ck / "meta.json").read_text())
+    meta["tokenizer_sha256"] = sha256_file(ck / "tokenizer.json")
+    (ck / "meta.json").write_text(json.dumps(meta))
     out = tmp_path / "o" / "m.gguf"
-    _fails(capsys, _gguf_args(run[0], out, "--tokenizer", az), "'az' pre-tokenizer", "retrain")
+    _fails(capsys, _gguf_args(ck, out), "'az' pre-tokenizer", "--pretokenizer gpt4")
     assert not out.parent.exists() or not list(out.parent.iterdir())
 
 
@@ -536,7 +542,7 @@ def test_too_little_free_space_is_refused_up_front(run, tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE")
-@pytest.mark.parametrize("quant", ["f16", "q4_k_m"])
+@pytest.mark.parametrize("quant", ["f16", pytest.param("q4_k_m", marks=pytest.mark.slow)])
 def test_write_error_from_the_file_system(run, tmp_path, quant):
     # A real failing write (file size limit, as a full disk): the gguf writer's and llama.cpp's
     # quantizer's errors both end as one sentence and leave nothing behind.
