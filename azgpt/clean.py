@@ -142,7 +142,10 @@ def run_clean(
             docs = _documents(files, report, text_field, lines)
             first = True
             for results in ordered_map(
-                job, batched(docs, batch_docs), pool, window=4 * max(1, workers)
+                job,
+                batched(docs, batch_docs, max_chars=4 << 20, size_of=lambda d: len(d[0])),
+                pool,
+                window=4 * max(1, workers),
             ):
                 for text, stats, reason, nbytes, sig in results:
                     report.documents_in += 1

@@ -436,13 +436,19 @@ def iter_sourced(
         yield from iter_sourced_documents(p, stats, text_field, raw_wikitext=raw_wikitext)
 
 
-def batched(it: Iterable, n: int) -> Iterator[list]:
-    batch = []
+def batched(
+    it: Iterable, n: int, max_chars: int | None = None, size_of: Callable = len
+) -> Iterator[list]:
+    """Lists of at most `n` items and, when `max_chars` is given, about `max_chars` characters
+    (`size_of(item)`), so the work in flight is bounded by size, not only by count: 256
+    documents of 500 KB are 128 MB, and a pool holds several batches at once."""
+    batch, size = [], 0
     for x in it:
         batch.append(x)
-        if len(batch) == n:
+        size += size_of(x) if max_chars is not None else 0
+        if len(batch) == n or (max_chars is not None and size >= max_chars):
             yield batch
-            batch = []
+            batch, size = [], 0
     if batch:
         yield batch
 

@@ -77,15 +77,17 @@ def main() -> None:
     train(cfg)
     inputs = write_inputs(Path(a.corpus), work, a.mb)
     small = write_inputs(Path(a.corpus), work / "eval", a.eval_mb) if a.eval_mb != a.mb else inputs
+    second = work / "second.txt"
+    second.write_text("Bakı Azərbaycanın paytaxtıdır.\n", encoding="utf-8")
     rows = []
     for shape, path in inputs.items():
         secs, peak = run(
             ["clean", str(path), "--out", str(work / f"{shape}.clean.txt"), "--no-filter"]
         )
         rows.append(("clean --no-filter", shape, a.mb, secs, peak))
-        secs, peak = run(
-            ["prepare", str(path), "--tokenizer", str(tok), "--out", str(work / f"{shape}.data")]
-        )
+        # prepare needs two documents for a train/val split: a one-line second file
+        out = str(work / f"{shape}.data")
+        secs, peak = run(["prepare", str(path), str(second), "--tokenizer", str(tok), "--out", out])
         rows.append(("prepare", shape, a.mb, secs, peak))
         secs, peak = run(
             ["eval", "--ckpt", str(work / "run" / "last"), "--text", str(small[shape])]
