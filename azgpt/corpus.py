@@ -13,6 +13,7 @@ import gzip
 import json
 import os
 import re
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
@@ -89,7 +90,7 @@ def _check_file(p: Path) -> None:
             head = f.read(8192)
     except UserError:
         raise
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise UserError(
             f"cannot read input {p} ({e}); check that it is a readable text, .gz or .bz2 file."
         ) from None
@@ -105,11 +106,25 @@ def _check_file(p: Path) -> None:
 
 
 def _decode(line: bytes, stats: Counter) -> str:
+    """A line as text. Not UTF-8: either UTF-8 with a few damaged bytes (dropped), or a legacy
+    Windows code page, decoded as such: cp1251 where most letters are high bytes (Cyrillic),
+    else cp1254 (Turkish/Azerbaijani Latin; identical to cp1252 except that it has ğ ı İ ş Ş
+    where cp1252 has ð ý Ý þ Þ). Dropping the bytes instead would keep "Azrbaycan razisind"."""
     try:
         return line.decode("utf-8")
     except UnicodeDecodeError:
+        pass
+    kept = line.decode("utf-8", errors="ignore")
+    multibyte = sum(ord(c) > 127 for c in kept)
+    bad = len(line) - len(kept.encode("utf-8"))
+    if multibyte >= bad:  # mostly good UTF-8 with a few stray bytes
         stats["invalid_utf8_lines"] += 1
-        return line.decode("utf-8", errors="replace").replace("\ufffd", "")
+        return kept
+    high = sum(b >= 0x80 for b in line)
+    ascii_letters = sum(65 <= b <= 90 or 97 <= b <= 122 for b in line)
+    codec = "cp1251" if high > ascii_letters else "cp1254"
+    stats[f"{codec}_lines_decoded"] += 1
+    return line.decode(codec, errors="replace").replace("\ufffd", "")
 
 
 def is_jsonl(p: Path) -> bool:
@@ -151,8 +166,10 @@ def iter_sourced_documents(
         raise UserError(
             f"input {p} ends in the middle (truncated); download or copy it again."
         ) from None
-    except (OSError, gzip.BadGzipFile) as e:
-        raise UserError(f"cannot read input {p} ({e}); check the file.") from None
+    except (OSError, gzip.BadGzipFile, zlib.error) as e:
+        raise UserError(
+            f"cannot read input {p} ({str(e)[:80]}): the file is corrupt; download or copy it again."
+        ) from None
 
 
 def _iter_txt(f, stats: Counter, line_docs: bool) -> Iterator[str]:
@@ -179,7 +196,7 @@ def _iter_jsonl(p: Path, f, stats: Counter, text_field: str) -> Iterator[str]:
             continue
         try:
             obj = json.loads(_decode(raw, stats))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # malformed, or nested absurdly deep
             stats["bad_json_lines"] += 1
             continue
         text = obj.get(text_field) if isinstance(obj, dict) else None

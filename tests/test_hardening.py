@@ -357,3 +357,51 @@ def test_a_file_truncated_while_prepare_reads_it_is_refused(data, tmp_path, monk
     with pytest.raises(UserError, match="changed while prepare was reading it"):
         P.run_prepare([str(src)], str(tok), str(tmp_path / "d"), workers=1, backend="tokenizers")
     assert not (tmp_path / "d" / "manifest.json").exists()
+
+
+# ----------------------------------------------------------------------------- corpus files
+
+
+def test_legacy_code_pages_are_decoded_not_stripped(tmp_path):
+    from collections import Counter
+
+    from azgpt.corpus import discover, iter_corpus
+
+    latin = "Azärbaycan Respublikası Qafqazın şärqindä yerläşir. Bakı şähäri, İçäri Şähär."
+    cyr = "Бакы Азербайджанын пайтахтыдыр, шэхэр Хәзәр дәнизинин сахилинде йерлешир."
+    (tmp_path / "lat.txt").write_bytes(latin.encode("cp1254"))
+    (tmp_path / "cyr.txt").write_bytes(cyr.replace("ә", "э").encode("cp1251"))
+    (tmp_path / "utf.txt").write_bytes("Gəncə şəhəri".encode() + b"\xff" + " böyükdür.".encode())
+    stats = Counter()
+    docs = list(iter_corpus(discover([tmp_path]), stats))
+    assert docs[1] == latin  # cyr.txt, lat.txt, utf.txt in sorted order
+    assert docs[0] == cyr.replace("ә", "э")
+    assert docs[2] == "Gəncə şəhəri böyükdür."  # UTF-8 with one stray byte: the byte goes
+    assert stats["cp1254_lines_decoded"] == 1 and stats["cp1251_lines_decoded"] == 1
+
+
+def test_deeply_nested_jsonl_lines_are_skipped_and_counted(tmp_path):
+    from collections import Counter
+
+    from azgpt.corpus import discover, iter_corpus
+
+    f = tmp_path / "c.jsonl"
+    deep = "[" * 100_000 + "]" * 100_000
+    f.write_text(deep + "\n" + json.dumps({"text": "Bakı gözəldir."}) + "\n", encoding="utf-8")
+    stats = Counter()
+    assert list(iter_corpus(discover([f]), stats)) == ["Bakı gözəldir."]
+    assert stats["bad_json_lines"] == 1
+
+
+def test_a_corrupt_gzip_is_one_sentence(tmp_path):
+    import gzip
+
+    raw = gzip.compress(("Bakı Azərbaycanın paytaxtıdır.\n" * 5000).encode())
+    bad = bytearray(raw)
+    for i in range(200, 400):
+        bad[i] ^= 0x5A  # flip bits in the deflate stream (not truncated: corrupt)
+    f = tmp_path / "c.txt.gz"
+    f.write_bytes(bytes(bad))
+    line = _one_sentence(azgpt("clean", str(f), "--out", str(tmp_path / "o.txt")))
+    assert "corrupt" in line or "cannot read" in line
+    assert not (tmp_path / "o.txt").exists()
