@@ -122,7 +122,7 @@ def check_tokenizer_json(path: Path) -> None:
     model over bytes, NFC (or no) normalizer, and one of azgpt's own pre-tokenizer regexes. A
     file from a stranger can carry a backtracking regex that makes encoding thousands of times
     slower or panics inside Rust; models other than BPE have no byte-level decoding."""
-    fix = "use a tokenizer trained with `azgpt tokenizer train`"
+    fix = "retrain it with `azgpt tokenizer train`"
     if path.stat().st_size > MAX_TOKENIZER_BYTES:
         raise UserError(
             f"tokenizer file {path} is larger than {MAX_TOKENIZER_BYTES >> 20} MB; {fix}."
