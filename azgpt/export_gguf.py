@@ -401,6 +401,12 @@ def export_gguf(
         raise UserError(f"--modelfile {mf_p} is the GGUF file itself; choose another name.")
     model, meta = load_model(ckpt, "cpu")
     model.eval()
+    arch = getattr(model.config, "arch", "gpt2")
+    if arch != "gpt2":
+        raise UserError(
+            f"checkpoint {ckpt} is an arch={arch!r} model and --format gguf writes llama.cpp's "
+            "gpt2 architecture only; export it with --format hf or train with model.arch=gpt2."
+        )
     _, sha, tok_path = checkpoint_tokenizer(ckpt, meta, tokenizer)
     check_llama_cpp_tokenizer(tok_path)
     if quant == "q4_k_m":
@@ -423,11 +429,6 @@ def export_gguf(
                 modelfile_text(out_p, mf_p, block_size=model.config.block_size, name=name),
                 encoding="utf-8",
             )
-            # Temporary files are private (0600); the results get the usual umask mode.
-            umask = os.umask(0)
-            os.umask(umask)
-            for t in (tmp, mf_tmp):
-                os.chmod(t, 0o666 & ~umask)
     except OSError as e:
         # numpy's tofile reports a short write without an errno ("N requested and M written")
         why = e.strerror or f"a write was cut short: {e}; is the disk full?"

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# sys.path[0] is bench/, where this file would shadow the `gguf` package: put the repo there.
+sys.path[0] = str(ROOT)
 
 QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_k_m")
 

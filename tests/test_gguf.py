@@ -565,3 +565,20 @@ def test_write_error_from_the_file_system(run, tmp_path, quant):
     assert err.startswith("azgpt: error: cannot write") and "\n" not in err
     assert "m.gguf" in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_non_gpt2_architecture_is_refused(run, tmp_path, capsys):
+    from azgpt.checkpoint import save_model_files
+    from azgpt.config import ModelConfig
+    from azgpt.model import GPT
+
+    if "arch" not in ModelConfig.__dataclass_fields__:
+        pytest.skip("this azgpt has one architecture")
+    m, _ = load_model(run[0])
+    cfg = ModelConfig(**{**m.config.to_dict(), "arch": "llama", "bias": False})
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    save_model_files(GPT(cfg), ck)
+    shutil.copy(Path(run[1]) / "tokenizer.json", ck / "tokenizer.json")
+    _fails(capsys, _gguf_args(ck, tmp_path / "m.gguf"), "arch='llama'", "--format hf")
+    assert not (tmp_path / "m.gguf").exists()
