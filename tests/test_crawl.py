@@ -28,7 +28,7 @@ from azgpt.crawl import CrawlOptions, normalize_url, run_crawl  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CRAWL_DELAY = 0.1
-TIMEOUT = 0.5
+TIMEOUT = 1.0  # generous: a loaded machine must not time out ordinary pages
 MAX_BYTES = 100_000
 CONTACT = "corpus@example.org"
 
