@@ -21,7 +21,8 @@ from .corpus import (
     worker_context,
 )
 from .dedup import NEAR_DUP_THRESHOLD, ExactDedup, LineFilter, NearDedup, Signer
-from .errors import UserError, atomic_path
+from .errors import UserError
+from .fsutil import atomic_path
 from .text import CleanOptions, clean_document, language_verdict
 
 

@@ -488,16 +488,6 @@ def ordered_map(fn: Callable, batches: Iterable, pool: Executor | None, window: 
         yield inflight.popleft().result()
 
 
-def file_sha256(p: Path, chunk: int = 1 << 20) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
-
-
 def worker_context():
     """Worker processes are spawned, not forked: a fork after the tokenizers library has used its
     thread pool (any earlier encode in this process) deadlocks the child."""

@@ -33,7 +33,8 @@ from pathlib import Path
 from urllib.parse import urldefrag, urljoin, urlsplit
 
 from . import __version__
-from .errors import UserError, atomic_path, fsync_dir
+from .errors import UserError
+from .fsutil import atomic_path, fsync_dir
 
 UA_TOKEN = "azgpt"
 HTML_TYPES = ("text/html", "application/xhtml+xml")

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .tokenizer import sha256_file, tokenizer_path
+from .fsutil import sha256_file
+from .tokenizer import tokenizer_path
 
 NPY_HEADER_BYTES = 128
 MANIFEST = "manifest.json"

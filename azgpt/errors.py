@@ -7,7 +7,3 @@ class UserError(Exception):
     """Bad input or usage. The message is one sentence naming the file or option and the fix."""
 
     exit_code = 2
-
-
-# File-system helpers live in fsutil.py; imported here for modules not yet moved to it.
-from .fsutil import atomic_path, check_writable, fsync_dir, remove_if_left_empty  # noqa: E402, F401

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError, atomic_path, fsync_dir
+from .errors import UserError
+from .fsutil import atomic_path, fsync_dir
 from .sample import SAMPLING  # the Modelfile samples as `azgpt sample` does
 from .tokenizer import EOT, PRETOKENIZERS, build_tokenizer
 

@@ -22,17 +22,16 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .corpus import discover, file_sha256, iter_corpus, ordered_map, worker_context
+from .corpus import discover, iter_corpus, ordered_map, worker_context
 from .data import MANIFEST, _chunked_max
 from .errors import UserError
-from .fsutil import atomic_path, fsync_dir, is_disk_full, remove_if_left_empty
+from .fsutil import atomic_path, fsync_dir, is_disk_full, remove_if_left_empty, sha256_file
 from .tokenizer import (
     PIECE_CHARS,
     eot_id,
     load_tokenizer,
     nfc,
     pieces,
-    sha256_file,
     tiktoken_encoding,
     tokenizer_path,
 )
@@ -361,7 +360,7 @@ def run_prepare(
                     "max_token_id": max_ids["val"],
                 },
                 "inputs": [
-                    {"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)}
+                    {"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
                     for p in files
                 ],
                 "input_problems": dict(stats),

@@ -7,7 +7,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError, atomic_path, check_writable
+from .errors import UserError
+from .fsutil import atomic_path, check_writable
 
 
 def _num(v) -> bool:

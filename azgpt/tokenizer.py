@@ -6,7 +6,6 @@ Normalisation is NFC only (never lowercasing: `I`/`İ` and `ı`/`i` are distinct
 
 from __future__ import annotations
 
-import hashlib
 import json
 import unicodedata
 from collections.abc import Iterable
@@ -15,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from .errors import UserError, atomic_path
+from .errors import UserError
+from .fsutil import atomic_path, sha256_file
 
 EOT = "<|endoftext|>"
 SPECIAL_TOKENS = [
@@ -103,10 +103,6 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | Path, extra: dict | None = Non
     with atomic_path(out / "tokenizer_info.json") as tmp:
         tmp.write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
-
-
-def sha256_file(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def tokenizer_path(dir_or_file: str | Path) -> Path:

@@ -19,9 +19,10 @@ from azgpt.clean import run_clean, write_report
 from azgpt.corpus import discover, iter_corpus
 from azgpt.data import MANIFEST, TokenData
 from azgpt.errors import UserError
+from azgpt.fsutil import sha256_file
 from azgpt.prepare import run_prepare
 from azgpt.text import clean_document
-from azgpt.tokenizer import decode, encode, eot_id, sha256_file
+from azgpt.tokenizer import decode, encode, eot_id
 
 AZ_DOCS = [
     "Azərbaycanın paytaxtı Bakı şəhəridir. Xəzər dənizinin sahilində yerləşir.",

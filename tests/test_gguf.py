@@ -471,7 +471,8 @@ def test_quant_without_gguf_format(run, tmp_path, capsys):
 
 def test_incompatible_tokenizer_is_refused_before_writing(run, tmp_path, capsys):
     # A checkpoint whose tokenizer uses azgpt's "az" regex, which llama.cpp cannot run.
-    from azgpt.tokenizer import save_tokenizer, sha256_file
+    from azgpt.fsutil import sha256_file
+    from azgpt.tokenizer import save_tokenizer
 
     texts = [p.read_text(encoding="utf-8") for p in sorted(SAMPLE.glob("*.txt"))]
     ck = tmp_path / "ck"
