@@ -39,9 +39,12 @@ def test_training_forward_returns_the_loss_alone_under_mixed_precision():
     """Accelerate upcasts every output of a mixed-precision forward to fp32; the training
     forward must give it the scalar loss only, never the (B, T, vocab) logits."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=300, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    # Accelerate's state is a process-wide singleton: start from a clean one, leave a clean one.
+    AcceleratorState._reset_state(reset_partial_state=True)
     acc = Accelerator(cpu=True, mixed_precision="bf16")
     prepared = acc.prepare(model)
     x = torch.randint(0, 300, (3, 16))
@@ -60,9 +63,7 @@ def test_training_forward_returns_the_loss_alone_under_mixed_precision():
     try:
         with Watch():
             out = prepared(x, x)
-    finally:  # Accelerate's state is a process-wide singleton: leave it as the other tests need
-        from accelerate.state import AcceleratorState
-
+    finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     assert isinstance(out, torch.Tensor) and out.dim() == 0, type(out)
     vocab_fp32 = {c[0] for c in created if c[1] == torch.float32 and c[2][-1:] == (300,)}
