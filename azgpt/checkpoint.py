@@ -34,10 +34,16 @@ TIED = "lm_head.weight"
 # ----------------------------------------------------------------------------- model weights
 
 
+def tied(cfg) -> bool:
+    """Whether lm_head.weight is the token embedding (then saved once, and re-tied on load)."""
+    return getattr(cfg, "tie_embeddings", True)
+
+
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The unwrapped, uncompiled model's tensors, minus the tied lm_head (restored on load)."""
+    """The unwrapped, uncompiled model's tensors, minus a tied lm_head (restored on load)."""
     sd = model.state_dict()
-    return {k: v.detach().contiguous().cpu() for k, v in sd.items() if k != TIED}
+    skip = TIED if tied(model.config) else None
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items() if k != skip}
 
 
 def save_model_files(model: GPT, folder: Path, state: dict | None = None) -> None:
@@ -45,7 +51,9 @@ def save_model_files(model: GPT, folder: Path, state: dict | None = None) -> Non
     sd = (
         model_state(model)
         if state is None
-        else {k: v.contiguous().cpu() for k, v in state.items() if k != TIED}
+        else {
+            k: v.contiguous().cpu() for k, v in state.items() if k != TIED or not tied(model.config)
+        }
     )
     save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
@@ -138,7 +146,8 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 def check_header(model: GPT, path: Path) -> None:
     """Refuse a weights file whose tensors are not exactly this model's (before loading it)."""
     header = read_header(path)
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != TIED}
+    skip = TIED if tied(model.config) else None
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != skip}
     missing, extra = sorted(set(own) - set(header)), sorted(set(header) - set(own))
     if missing or extra:
         raise UserError(
@@ -167,7 +176,8 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_weights(model: GPT, path: Path) -> None:
     sd = load_tensors(path)
-    own = {k: v for k, v in model.state_dict().items() if k != TIED}
+    skip = TIED if tied(model.config) else None
+    own = {k: v for k, v in model.state_dict().items() if k != skip}
     missing = sorted(set(own) - set(sd))
     extra = sorted(set(sd) - set(own))
     if missing or extra:
@@ -182,7 +192,8 @@ def load_weights(model: GPT, path: Path) -> None:
                 "the checkpoint is from a model of another shape (check the model section)."
             )
     model.load_state_dict(sd, strict=False)
-    model.lm_head.weight = model.transformer.wte.weight  # re-tie
+    if skip:
+        model.lm_head.weight = model.transformer.wte.weight  # re-tie
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -207,7 +218,8 @@ def checkpoint_tokenizer(ckpt: str | Path, meta: dict, override: str | None = No
     """(tokenizer, its sha256, its path) for a checkpoint: `--tokenizer` if given, else the
     copy inside the checkpoint folder, else (older checkpoints) the path recorded in meta.json.
     The copy travels with the folder, so a run copied to another machine works on its own."""
-    from .tokenizer import load_tokenizer, sha256_file, tokenizer_path
+    from .fsutil import sha256_file
+    from .tokenizer import load_tokenizer, tokenizer_path
 
     folder = Path(ckpt)
     if override is not None:

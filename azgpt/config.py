@@ -37,14 +37,46 @@ class ModelConfig:
     dropout: float = 0.0
     """Dropout on attention, residual and embeddings (0 for pretraining)."""
     bias: bool = True
-    """Biases in Linear and LayerNorm layers (GPT-2 style)."""
+    """Biases in Linear and LayerNorm layers (GPT-2 style; arch "llama" never has biases)."""
+    arch: str = "gpt2"
+    """'gpt2': learned positions, LayerNorm, GELU MLP, tied head (the seed's model). 'llama':
+    rotary positions, RMSNorm, SwiGLU MLP, no biases; the options below apply to it only."""
+    n_kv_head: int = 0
+    """llama: key/value heads (grouped-query attention); must divide n_head. 0: n_head."""
+    qk_norm: bool = False
+    """llama: RMSNorm on each head's queries and keys before the rotation (Qwen3 style)."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the output head; false gives llama its own head."""
+    rope_theta: float = 10000.0
+    """llama: base of the rotary frequencies."""
+    mlp_hidden: int = 0
+    """llama: SwiGLU hidden width. 0: 8/3 n_embd rounded up to a multiple of 64 (about the
+    parameters of gpt2's 4 n_embd GELU MLP)."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ffn_hidden(self) -> int:
+        if self.arch != "llama":
+            return 4 * self.n_embd
+        return self.mlp_hidden or -(-8 * self.n_embd // 3 // 64) * 64
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def num_params(self) -> int:
         """Parameters of the model this config describes (tied head counted once)."""
-        d, b = self.n_embd, int(self.bias)
+        d = self.n_embd
+        if self.arch == "llama":
+            hs = d // max(1, self.n_head)
+            kv = self.kv_heads * hs
+            per_layer = 2 * d * d + 2 * d * kv + 3 * d * self.ffn_hidden + 2 * d
+            per_layer += 2 * hs * int(self.qk_norm)
+            heads = 1 if self.tie_embeddings else 2
+            return heads * self.vocab_size * d + self.n_layer * per_layer + d
+        b = int(self.bias)
         per_layer = 12 * d * d + b * (3 * d + d + 4 * d + d) + 2 * d * (1 + b)
         return (self.vocab_size + self.block_size) * d + self.n_layer * per_layer + d * (1 + b)
 
@@ -65,6 +97,33 @@ class ModelConfig:
             raise ConfigError(
                 f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}."
             )
+        if self.arch not in ("gpt2", "llama"):
+            raise ConfigError(f"model.arch must be 'gpt2' or 'llama', got {self.arch!r}.")
+        if self.arch == "gpt2":
+            for name, default in (
+                ("n_kv_head", 0),
+                ("qk_norm", False),
+                ("tie_embeddings", True),
+                ("mlp_hidden", 0),
+            ):
+                if getattr(self, name) != default:
+                    raise ConfigError(
+                        f"model.{name} applies to arch 'llama' only; set model.arch = \"llama\" "
+                        f"or remove model.{name}."
+                    )
+        if self.n_kv_head < 0 or self.n_head % self.kv_heads:
+            raise ConfigError(
+                f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head} (0: n_head)."
+            )
+        if self.mlp_hidden < 0 or self.mlp_hidden > 1_000_000:
+            raise ConfigError(f"model.mlp_hidden must be in [0, 1,000,000], got {self.mlp_hidden}.")
+        if self.arch == "llama" and (self.n_embd // self.n_head) % 2:
+            raise ConfigError(
+                f"model.arch 'llama' rotates pairs of dimensions: the head size n_embd/n_head="
+                f"{self.n_embd // self.n_head} must be even."
+            )
+        if not (self.rope_theta > 1 and self.rope_theta < 1e12):
+            raise ConfigError(f"model.rope_theta must be in (1, 1e12), got {self.rope_theta}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}.")
         if self.num_params() > MAX_PARAMS:
@@ -102,6 +161,12 @@ class TrainConfig:
     """AdamW weight decay, applied to matrices only."""
     beta1: float = 0.9
     beta2: float = 0.95
+    optimizer: str = "adamw"
+    """'adamw' for every parameter, or 'muon': torch.optim.Muon (orthogonalised momentum) for
+    the 2-D matrices inside the blocks, AdamW for embeddings, head, norms and biases."""
+    muon_lr: float = 0.02
+    """Peak learning rate of the Muon matrices (train.lr stays the AdamW groups' peak); the
+    schedule scales both alike."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
     eval_interval: int = 500
@@ -208,6 +273,10 @@ class TrainConfig:
             )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device must be auto, cpu or cuda, got {self.device!r}.")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"train.optimizer must be 'adamw' or 'muon', got {self.optimizer!r}.")
+        if not (0 < self.muon_lr < 10):
+            raise ConfigError(f"train.muon_lr must be in (0, 10), got {self.muon_lr}.")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ConfigError("train.beta1 and train.beta2 must be in [0, 1).")
 

@@ -1,7 +1,10 @@
-"""Export to a Hugging Face transformers folder (GPT2LMHeadModel + a fast tokenizer).
+"""Export to a Hugging Face transformers folder (a causal LM + a fast tokenizer).
 
-azgpt's parameter names are GPT-2's, so export is a key map: the only change is that GPT-2's
-Conv1D layers store their weights transposed (in_features, out_features).
+arch "gpt2" goes to GPT2LMHeadModel: azgpt's parameter names are GPT-2's, so export is a key
+map; the only change is that GPT-2's Conv1D layers store their weights transposed (in_features,
+out_features). arch "llama" goes to LlamaForCausalLM, or Qwen3ForCausalLM when QK-norm is on
+(Llama has no QK-norm; Qwen3 is Llama plus RMSNorm on each head's queries and keys): one
+tensor per tensor, the rotary layout already being transformers' "rotate half".
 """
 
 from __future__ import annotations
@@ -44,6 +47,69 @@ def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
     return sd
 
 
+def to_hf_llama_state_dict(model) -> dict[str, torch.Tensor]:
+    """azgpt llama names -> transformers' Llama/Qwen3 names."""
+    names = {
+        "transformer.wte.weight": "model.embed_tokens.weight",
+        "transformer.ln_f.weight": "model.norm.weight",
+        "lm_head.weight": "lm_head.weight",
+    }
+    per_layer = {
+        "ln_1.weight": "input_layernorm.weight",
+        "ln_2.weight": "post_attention_layernorm.weight",
+        "attn.c_q.weight": "self_attn.q_proj.weight",
+        "attn.c_k.weight": "self_attn.k_proj.weight",
+        "attn.c_v.weight": "self_attn.v_proj.weight",
+        "attn.c_proj.weight": "self_attn.o_proj.weight",
+        "attn.q_norm.weight": "self_attn.q_norm.weight",
+        "attn.k_norm.weight": "self_attn.k_norm.weight",
+        "mlp.c_gate.weight": "mlp.gate_proj.weight",
+        "mlp.c_fc.weight": "mlp.up_proj.weight",
+        "mlp.c_proj.weight": "mlp.down_proj.weight",
+    }
+    for i in range(model.config.n_layer):
+        for ours, theirs in per_layer.items():
+            names[f"transformer.h.{i}.{ours}"] = f"model.layers.{i}.{theirs}"
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight" and model.config.tie_embeddings:
+            continue  # tied: transformers re-ties it to the embedding
+        sd[names[k]] = v.detach().cpu().contiguous()
+    return sd
+
+
+def _hf_llama(c, eot: int | None, pad: int | None):
+    """A transformers LlamaForCausalLM (Qwen3ForCausalLM with QK-norm) of config `c`."""
+    from .model import RMS_EPS
+
+    if c.qk_norm:
+        from transformers import Qwen3Config as Config
+        from transformers import Qwen3ForCausalLM as Model
+    else:
+        from transformers import LlamaConfig as Config
+        from transformers import LlamaForCausalLM as Model
+    cfg = Config(
+        vocab_size=c.vocab_size,
+        hidden_size=c.n_embd,
+        intermediate_size=c.ffn_hidden,
+        num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head,
+        num_key_value_heads=c.kv_heads,
+        head_dim=c.n_embd // c.n_head,
+        max_position_embeddings=c.block_size,
+        rms_norm_eps=RMS_EPS,
+        rope_theta=c.rope_theta,
+        hidden_act="silu",
+        attention_bias=False,
+        attention_dropout=0.0,
+        tie_word_embeddings=c.tie_embeddings,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        pad_token_id=pad,
+    )
+    return Model(cfg)
+
+
 def _model_card(meta: dict, cfg, n_params: int) -> str:
     fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "n/a"  # noqa: E731
     return "\n".join(
@@ -52,12 +118,12 @@ def _model_card(meta: dict, cfg, n_params: int) -> str:
             "language: az",
             "library_name: transformers",
             "pipeline_tag: text-generation",
-            "tags: [azgpt, gpt2, azerbaijani]",
+            f"tags: [azgpt, {'llama' if cfg.arch == 'llama' else 'gpt2'}, azerbaijani]",
             "---",
             "",
             "# Azerbaijani GPT trained with azgpt",
             "",
-            f"A GPT-2-architecture model ({n_params / 1e6:.1f}M parameters: {cfg.n_layer} layers, {cfg.n_head} heads, "
+            f"A {'Llama' if cfg.arch == 'llama' else 'GPT-2'}-architecture model ({n_params / 1e6:.1f}M parameters: {cfg.n_layer} layers, {cfg.n_head} heads, "
             f"width {cfg.n_embd}, context {cfg.block_size}, vocab {cfg.vocab_size}) trained from scratch on Azerbaijani text.",
             "",
             "| fact | value |",
@@ -81,33 +147,29 @@ def _model_card(meta: dict, cfg, n_params: int) -> str:
     )
 
 
-def export_hf(ckpt: str, out: str, *, tokenizer: str | None = None, force: bool = False) -> Path:
-    try:
-        from transformers import (
-            GenerationConfig,
-            GPT2Config,
-            GPT2LMHeadModel,
-            PreTrainedTokenizerFast,
-        )
-    except ImportError:
-        raise UserError(
-            "export needs transformers; install it with `pip install azgpt[hf]`."
-        ) from None
-    out_dir = Path(out)
-    here, ck = Path.cwd().resolve(), Path(ckpt).resolve()
-    if out_dir.resolve() in (here, *here.parents) or out_dir.resolve() in (ck, *ck.parents):
-        raise UserError(
-            f"export folder {out_dir} holds the current folder or the checkpoint; choose a new folder for --out."
-        )
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        raise UserError(
-            f"export folder {out_dir} exists and is not empty; choose another --out or pass --force."
-        )
-    model, meta = load_model(ckpt, "cpu")
-    tok, _, _ = checkpoint_tokenizer(ckpt, meta, tokenizer)
+def to_hf_model(model, eot: int | None, pad: int | None):
+    """The transformers model equal to azgpt `model` (GPT2LMHeadModel, LlamaForCausalLM or
+    Qwen3ForCausalLM), in eval mode."""
     c = model.config
-    eot = tok.token_to_id(EOT)
-    pad = tok.token_to_id("<|pad|>")
+    if c.arch == "llama":
+        hf = _hf_llama(c, eot, pad)
+        missing, unexpected = hf.load_state_dict(to_hf_llama_state_dict(model), strict=False)
+        bad_missing = [k for k in missing if not (k == "lm_head.weight" and c.tie_embeddings)]
+        if bad_missing or unexpected:
+            raise RuntimeError(
+                f"export key map is incomplete: missing {bad_missing[:5]}, unexpected {unexpected[:5]}"
+            )
+    else:
+        hf = _hf_gpt2(model, eot, pad)
+    hf.tie_weights()
+    hf.eval()
+    return hf
+
+
+def _hf_gpt2(model, eot, pad):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = model.config
     hf_cfg = GPT2Config(
         vocab_size=c.vocab_size,
         n_positions=c.block_size,
@@ -133,8 +195,32 @@ def export_hf(ckpt: str, out: str, *, tokenizer: str | None = None, force: bool 
         raise RuntimeError(
             f"export key map is incomplete: missing {bad_missing[:5]}, unexpected {unexpected[:5]}"
         )
-    hf.tie_weights()
-    hf.eval()
+    return hf
+
+
+def export_hf(ckpt: str, out: str, *, tokenizer: str | None = None, force: bool = False) -> Path:
+    try:
+        from transformers import GenerationConfig, PreTrainedTokenizerFast
+    except ImportError:
+        raise UserError(
+            "export needs transformers; install it with `pip install azgpt[hf]`."
+        ) from None
+    out_dir = Path(out)
+    here, ck = Path.cwd().resolve(), Path(ckpt).resolve()
+    if out_dir.resolve() in (here, *here.parents) or out_dir.resolve() in (ck, *ck.parents):
+        raise UserError(
+            f"export folder {out_dir} holds the current folder or the checkpoint; choose a new folder for --out."
+        )
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+        raise UserError(
+            f"export folder {out_dir} exists and is not empty; choose another --out or pass --force."
+        )
+    model, meta = load_model(ckpt, "cpu")
+    tok, _, _ = checkpoint_tokenizer(ckpt, meta, tokenizer)
+    c = model.config
+    eot = tok.token_to_id(EOT)
+    pad = tok.token_to_id("<|pad|>")
+    hf = to_hf_model(model, eot, pad)
 
     tmp = None
     try:

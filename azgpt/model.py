@@ -1,9 +1,16 @@
-"""The GPT: a NanoGPT-style decoder-only transformer.
+"""The GPT: a NanoGPT-style decoder-only transformer, in two flavours (`model.arch`).
 
-Token + learned position embeddings, pre-LayerNorm blocks of causal self-attention
-(`scaled_dot_product_attention`, flash kernels on GPU) and a GELU MLP, a final LayerNorm and an
-`lm_head` tied to the token embedding. Parameter names follow GPT-2's (`transformer.wte`,
-`transformer.h.N.attn.c_attn`, `lm_head`) so export to transformers is a key map.
+"gpt2" (the default): token + learned position embeddings, pre-LayerNorm blocks of causal
+self-attention (`scaled_dot_product_attention`, flash kernels on GPU) and a GELU MLP, a final
+LayerNorm and an `lm_head` tied to the token embedding. Parameter names follow GPT-2's
+(`transformer.wte`, `transformer.h.N.attn.c_attn`, `lm_head`) so export to transformers is a
+key map.
+
+"llama": the same skeleton with the changes Llama-family models made: rotary position
+embeddings applied to queries and keys (no `wpe`), RMSNorm, a SwiGLU MLP, no biases, and
+optionally grouped-query attention (`n_kv_head`), RMSNorm on queries and keys (`qk_norm`) and an
+untied head. Separate `c_q`/`c_k`/`c_v` and `c_gate`/`c_fc` matrices (rather than fused ones)
+so Muon orthogonalises each projection on its own and export maps one tensor to one tensor.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ class KVCache:
     ):
         self.max_len = max_len or cfg.block_size
         hs = cfg.n_embd // cfg.n_head
-        shape = (batch, cfg.n_head, self.max_len, hs)
+        shape = (batch, cfg.kv_heads, self.max_len, hs)  # llama's grouped-query heads share
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
@@ -83,32 +90,79 @@ class KVCache:
         self.lengths += n
 
 
+RMS_EPS = 1e-5  # llama's RMSNorm epsilon (exported as rms_norm_eps)
+
+
+def rotary(pos: torch.Tensor, head_size: int, theta: float, dtype) -> tuple[torch.Tensor, ...]:
+    """cos and sin (P, 1, T, hs) of rotary embeddings for positions `pos` (P, T), P = 1 or B.
+
+    Frequencies theta^(-2i/hs) in fp32, repeated over both halves of the head (the "rotate
+    half" layout of transformers' Llama/Qwen3), so exported weights need no permutation."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_size, 2, device=pos.device).float() / head_size))
+    f = pos[..., None].float() * inv  # (P, T, hs/2)
+    emb = torch.cat([f, f], dim=-1)[:, None]  # (P, 1, T, hs)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[i], x[i + hs/2]) of x (B, nh, T, hs) by its position's angle; the
+    dot product of a rotated query and key then depends only on their distance."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head = cfg.n_head
         self.n_embd = cfg.n_embd
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.llama = cfg.arch == "llama"
+        if self.llama:
+            hs = cfg.n_embd // cfg.n_head
+            self.n_kv_head = cfg.kv_heads
+            self.c_q = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+            self.c_k = nn.Linear(cfg.n_embd, self.n_kv_head * hs, bias=False)
+            self.c_v = nn.Linear(cfg.n_embd, self.n_kv_head * hs, bias=False)
+            self.qk_norm = cfg.qk_norm
+            if cfg.qk_norm:
+                self.q_norm = nn.RMSNorm(hs, eps=RMS_EPS)
+                self.k_norm = nn.RMSNorm(hs, eps=RMS_EPS)
+        else:
+            self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias and not self.llama)
         self.c_proj.residual_scale = True
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rope=None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         hs = C // self.n_head
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)
+        gqa = {}
+        if self.llama:
+            q = self.c_q(x).view(B, T, self.n_head, hs)
+            k = self.c_k(x).view(B, T, self.n_kv_head, hs)
+            v = self.c_v(x).view(B, T, self.n_kv_head, hs).transpose(1, 2)
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = apply_rotary(q.transpose(1, 2), *rope)  # (B, nh, T, hs)
+            k = apply_rotary(k.transpose(1, 2), *rope)  # (B, n_kv_head, T, hs)
+            if self.n_kv_head != self.n_head:
+                gqa = {"enable_gqa": True}  # each key/value head serves n_head/n_kv_head queries
+        else:
+            q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+            q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+            k = k.view(B, T, self.n_head, hs).transpose(1, 2)
+            v = v.view(B, T, self.n_head, hs).transpose(1, 2)
         if cache is None:
             y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True, **gqa
             )
         else:
             # Generation: attend to this row's cached positions and the new ones.
             k, v, mask = cache.write(layer, k.to(cache.k[layer].dtype), v.to(cache.v[layer].dtype))
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+            y = F.scaled_dot_product_attention(
+                q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, **gqa
+            )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -116,26 +170,38 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.llama = cfg.arch == "llama"
+        hidden, bias = cfg.ffn_hidden, cfg.bias and not self.llama
+        if self.llama:
+            self.c_gate = nn.Linear(cfg.n_embd, hidden, bias=False)
+        self.c_fc = nn.Linear(cfg.n_embd, hidden, bias=bias)
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=bias)
         self.c_proj.residual_scale = True
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
+        if self.llama:  # SwiGLU: silu(gate) * up
+            return self.dropout(self.c_proj(F.silu(self.c_gate(x)) * self.c_fc(x)))
         # tanh GELU, as GPT-2 (and transformers' "gelu_new"), so exported logits match.
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+def norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.arch == "llama":
+        return nn.RMSNorm(cfg.n_embd, eps=RMS_EPS)
+    return nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_1 = norm(cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_2 = norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0, rope=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, rope)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -144,17 +210,19 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-                wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-                drop=nn.Dropout(cfg.dropout),
-                h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
-                ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
-            )
+        self.llama = cfg.arch == "llama"
+        parts = dict(wte=nn.Embedding(cfg.vocab_size, cfg.n_embd))
+        if not self.llama:
+            parts["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+        parts.update(
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+            ln_f=norm(cfg),
         )
+        self.transformer = nn.ModuleDict(parts)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # tied
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -173,14 +241,19 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # tied weights count once
-        if non_embedding:
+        if non_embedding and not self.llama:
             n -= self.transformer.wpe.weight.numel()
         return n
 
     def flops_per_token(self) -> int:
-        """Training FLOPs per token: 6N for the matmuls plus 12 * L * d * T for attention."""
+        """Training FLOPs per token: 6N for the matmuls plus 12 * L * d * T for attention (the
+        score and value products span n_head * head_size = d with grouped-query attention too).
+        An untied input embedding is a lookup, not a matmul, so it is not counted."""
         c = self.config
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+        n = self.num_params()
+        if not c.tie_embeddings:
+            n -= self.transformer.wte.weight.numel()
+        return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
 
     def forward(
         self,
@@ -211,11 +284,17 @@ class GPT(nn.Module):
                     f"sequence of {int(pos.max()) + 1} tokens is longer than the model's context "
                     f"{self.config.block_size}"
                 )
-        x = self.transformer.drop(
-            self.transformer.wte(idx) + self.transformer.wpe(pos)
-        )  # (B, T, C)
+        rope = None
+        if self.llama:  # positions enter as rotations of queries and keys, per row with a cache
+            c = self.config
+            rope = rotary(pos, c.n_embd // c.n_head, c.rope_theta, self.lm_head.weight.dtype)
+            x = self.transformer.drop(self.transformer.wte(idx))
+        else:
+            x = self.transformer.drop(
+                self.transformer.wte(idx) + self.transformer.wpe(pos)
+            )  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i)
+            x = block(x, cache, i, rope)
         if cache is not None:
             cache.advance(T)
         x = self.transformer.ln_f(x)
@@ -244,8 +323,9 @@ class GPT(nn.Module):
         """Yield one (B, 1) tensor of new token ids per step. temperature 0 is greedy decoding.
 
         With the KV cache, each step feeds only the newest token. Once the context is full the
-        window slides: learned positions shift with it, so each further step refills the cache
-        from the last block_size tokens (the same result as no cache, at no-cache speed).
+        window slides: positions (learned or rotary) shift with it, so each further step refills
+        the cache from the last block_size tokens (the same result as no cache, at no-cache
+        speed).
         """
         T = self.config.block_size
         cache = None

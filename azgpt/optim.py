@@ -1,4 +1,5 @@
-"""Optimizer parameter groups and the learning-rate schedule (a pure function of the step)."""
+"""Optimizers (AdamW, or Muon for the block matrices beside AdamW) and the learning-rate
+schedule (a pure function of the step)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import inspect
 import math
 
 import torch
+
+from .errors import UserError
 
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup_iters: int, max_iters: int) -> float:
@@ -39,11 +42,95 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def make_optimizer(model, *, lr, weight_decay, betas, device_type: str) -> torch.optim.AdamW:
+def muon_matrices(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters Muon trains: the 2-D weight matrices inside the transformer
+    blocks. Embeddings and the head (lookups and the output layer, whose rows are per-token) stay
+    with AdamW, as do the 1-D norm weights and biases Muon cannot orthogonalise."""
+    return [
+        name
+        for name, p in model.named_parameters()
+        if p.requires_grad and p.dim() == 2 and name.startswith("transformer.h.")
+    ]
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """torch.optim.Muon for the block matrices and AdamW for everything else, as one optimizer.
+
+    Both inner optimizers share this object's `param_groups` (Muon's groups first) and `state`,
+    so `state_dict()` is the ordinary one, keyed by parameter, and the checkpoint code (which
+    saves optimizer state by parameter name) and Accelerate see a single optimizer. Each Muon
+    group holds `lr_scale` = muon_lr / lr: the training loop multiplies the scheduled lr by it.
+    """
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.AdamW):
+        self.muon, self.adamw = muon, adamw
+        super().__init__([*muon.param_groups, *adamw.param_groups], defaults={})
+        self._relink()
+
+    def _relink(self) -> None:
+        n = len(self.muon.param_groups)
+        self.muon.param_groups = self.param_groups[:n]
+        self.adamw.param_groups = self.param_groups[n:]
+        self.muon.state = self.adamw.state = self.state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)  # replaces param_groups and state: share them again
+        self._relink()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+
+def make_optimizer(
+    model,
+    *,
+    lr,
+    weight_decay,
+    betas,
+    device_type: str,
+    optimizer: str = "adamw",
+    muon_lr: float = 0.02,
+) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`, or (optimizer='muon') `MuonAdamW`."""
     kwargs = {}
     # Fused AdamW (one kernel for all parameters) on CUDA.
     if device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters:
         kwargs["fused"] = True
-    return torch.optim.AdamW(
-        param_groups(model, weight_decay), lr=lr, betas=betas, eps=1e-8, **kwargs
+    if optimizer == "adamw":
+        return torch.optim.AdamW(
+            param_groups(model, weight_decay), lr=lr, betas=betas, eps=1e-8, **kwargs
+        )
+    muon_cls = getattr(torch.optim, "Muon", None)
+    if muon_cls is None:
+        raise UserError(
+            f"train.optimizer = 'muon' needs torch.optim.Muon (torch 2.9 or newer; this is torch "
+            f"{torch.__version__}); upgrade torch or set train.optimizer = 'adamw'."
+        )
+    names = set(muon_matrices(model))
+    params = dict(model.named_parameters())
+    matrices = [params[n] for n in params if n in names]
+    ids = {id(p) for p in matrices}
+    rest_groups = [  # the remaining parameters, grouped as for plain AdamW
+        {**g, "params": [p for p in g["params"] if id(p) not in ids]}
+        for g in param_groups(model, weight_decay)
+    ]
+    # Nesterov momentum 0.95 and 5 Newton-Schulz steps: torch's (and the speedrun's) defaults;
+    # lr is scaled by sqrt(max(1, rows/cols)) per matrix ("original", Keller Jordan's Muon).
+    muon = muon_cls(
+        [{"params": matrices, "lr_scale": muon_lr / lr}],
+        lr=muon_lr,
+        weight_decay=weight_decay,
+        momentum=0.95,
+        nesterov=True,
     )
+    adamw = torch.optim.AdamW(
+        [g for g in rest_groups if g["params"]], lr=lr, betas=betas, eps=1e-8, **kwargs
+    )
+    return MuonAdamW(muon, adamw)

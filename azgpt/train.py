@@ -40,7 +40,7 @@ from .checkpoint import (
     save_checkpoint,
     step_dirs,
 )
-from .config import RunConfig
+from .config import ModelConfig, RunConfig
 from .data import TokenData
 from .errors import UserError
 from .fsutil import atomic_path, open_no_follow
@@ -313,6 +313,8 @@ def setup(cfg: RunConfig, resume: bool, accelerator, inputs) -> Run:
         weight_decay=tc.weight_decay,
         betas=(tc.beta1, tc.beta2),
         device_type=accelerator.device.type,
+        optimizer=tc.optimizer,
+        muon_lr=tc.muon_lr,
     )
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     if opt_saved is not None:
@@ -385,6 +387,8 @@ def check_resume(ckpt: Path, cfg: RunConfig, data: TokenData, world: int) -> Non
     fix = "the checkpoint is incomplete; use another one."
     saved = read_json(ckpt / "config.json", fix)
     want = cfg.model.to_dict()
+    # A key the checkpoint lacks (written before the field existed) holds its default.
+    saved = {**ModelConfig().to_dict(), **saved}
     diff = {k: (saved.get(k), v) for k, v in want.items() if k != "dropout" and saved.get(k) != v}
     if diff:
         desc = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
@@ -424,6 +428,10 @@ def restore_optimizer(model, optimizer, ckpt, tensors, saved, cfg, accelerator) 
     # The config's betas and weight decay win over the checkpoint's (the LR is set every step).
     tc = cfg.train
     for g in optimizer.param_groups:
+        if "lr_scale" in g:  # a Muon group: no betas; its peak lr is train.muon_lr
+            g["lr_scale"] = tc.muon_lr / tc.lr
+            g["weight_decay"] = tc.weight_decay
+            continue
         was = (tuple(g["betas"]), g["weight_decay"])
         g["betas"] = (tc.beta1, tc.beta2)
         if g["weight_decay"] > 0:
@@ -443,7 +451,7 @@ def train_step(run: Run, step: int, forward) -> torch.Tensor:
     tc = run.cfg.train
     acc = run.accelerator
     for g in run.optimizer.param_groups:
-        g["lr"] = run.lr(step)
+        g["lr"] = run.lr(step) * g.get("lr_scale", 1.0)  # Muon groups: train.muon_lr / train.lr
     skip_nonfinite = tc.nan_policy == "skip" and acc.scaler is None
     total = torch.zeros((), device=run.device)
     for micro in range(tc.grad_accum):
@@ -533,7 +541,8 @@ def sample_text(run: Run, weights: dict | None = None) -> str:
             return ""
         model = GPT(run.raw.config).to(run.device)
         model.load_state_dict({k: v for k, v in weights.items()}, strict=False)
-        model.lm_head.weight = model.transformer.wte.weight
+        if run.raw.config.tie_embeddings:
+            model.lm_head.weight = model.transformer.wte.weight
     else:
         model = run.raw
     eot = run.tokenizer.token_to_id(EOT)
