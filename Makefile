@@ -1,6 +1,6 @@
 # The README's commands. Each sets up what it needs in .venv (Python 3.11+).
 #   make demo   clean -> tokenizer -> prepare -> train configs/tiny.toml -> sample, on data/sample (CPU, a few minutes)
-#   make test   the test suite (CPU-only, a few minutes)
+#   make test   the test suite (CPU-only, ~15 minutes on 2 cores, plus the first install)
 # TORCH picks the PyTorch build: the default resolves to the CUDA build on Linux from PyPI;
 # for a CPU-only wheel use e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu".
 
@@ -12,15 +12,23 @@ DEMO := out/demo
 
 .PHONY: setup demo test test-all lint bench-cpu corpus-data
 
-$(VENV)/.installed: pyproject.toml
+# The core install (what `make demo` needs), then the extras and test tools (what `make test`
+# needs). The gguf extra builds llama.cpp from source the first time (llama-cpp-python ships as
+# source): 50 minutes measured on a busy 2-core VM, less when idle; pip caches the wheel, so once
+# per machine.
+$(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.core
 	$(PY) -m pip install -q -e ".[dev,gguf,serve,crawl]"
 	touch $@
 
 setup: $(VENV)/.installed
 
-demo: setup
+demo: $(VENV)/.core
 	rm -rf $(DEMO) runs/tiny
 	$(VENV)/bin/azgpt clean data/sample --out $(DEMO)/clean.txt --report $(DEMO)/clean_report.json
 	$(VENV)/bin/azgpt tokenizer train $(DEMO)/clean.txt --vocab-size 2048 --out $(DEMO)/tokenizer
