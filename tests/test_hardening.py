@@ -405,3 +405,36 @@ def test_a_corrupt_gzip_is_one_sentence(tmp_path):
     line = _one_sentence(azgpt("clean", str(f), "--out", str(tmp_path / "o.txt")))
     assert "corrupt" in line or "cannot read" in line
     assert not (tmp_path / "o.txt").exists()
+
+
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--temperature", "nan"], "--temperature must be a number"),
+        (["--top-k", "-3"], "--top-k must be >= 0"),
+        (["--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["--seed", str(2**70)], "--seed must be in"),
+        (["--device", "meta"], "--device 'meta' is not supported"),
+    ],
+)
+def test_sample_options_without_meaning_are_one_sentence(run, flags, needle):
+    from azgpt.sample import run_sample
+
+    opts = {"--temperature": "temperature", "--top-k": "top_k", "--top-p": "top_p",
+            "--seed": "seed", "--device": "device"}  # fmt: skip
+    value = float(flags[1]) if flags[0] in ("--temperature", "--top-p") else flags[1]
+    if flags[0] in ("--top-k", "--seed"):
+        value = int(flags[1])
+    with pytest.raises(UserError) as e:
+        run_sample(str(run / "last"), "Bakı", max_new_tokens=2, **{opts[flags[0]]: value})
+    assert needle in str(e.value)
+
+
+def test_sample_into_a_closed_pipe_is_not_an_error(run):
+    """`azgpt sample | head -c 1`: the reader leaves early; no traceback."""
+    p = subprocess.run(
+        f"{sys.executable} -m azgpt sample --ckpt {run / 'last'} --prompt Bakı --max-new-tokens 200 "
+        "--num-samples 5 | head -c 1",
+        shell=True, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert "Traceback" not in p.stderr, p.stderr[-2000:]
