@@ -173,7 +173,10 @@ def choose_backend(tok, tok_path: Path, sample: list[str]) -> str:
     for d in sample:
         if budget <= 0:
             break
-        d = nfc(pieces(d, min(PIECE_CHARS, budget))[0])
+        limit = min(PIECE_CHARS, budget)
+        if len(d) > limit:  # the first safe piece of the document's start only
+            d = pieces(d[: 2 * limit], limit)[0]
+        d = nfc(d)
         budget -= len(d)
         if enc.encode_ordinary(d) != tok.encode(d, add_special_tokens=False).ids:
             return "tokenizers"
