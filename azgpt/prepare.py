@@ -134,11 +134,12 @@ def _encode_batch(job: tuple[int, list[str], int, float]) -> tuple[bytes, bytes,
 GROUP_CHARS = 1 << 20  # characters per encoder call: bounds memory whatever the documents' sizes
 
 
-def _encode_docs(docs: list[str]) -> list[list[int]]:
+def _encode_docs(docs: list[str]) -> list[np.ndarray]:
     """Ids of each document, encoded as bounded pieces (identical ids, see tokenizer.pieces) in
     groups of about GROUP_CHARS characters, so one 30 MB document costs no more memory than many
     small ones."""
-    out: list[list[int]] = [[] for _ in docs]
+    # Each piece's ids become uint16 at once: a Python list of ints costs ~36 bytes per token.
+    out: list[list[np.ndarray]] = [[] for _ in docs]
     group: list[tuple[int, str]] = []
     size = 0
 
@@ -149,7 +150,7 @@ def _encode_docs(docs: list[str]) -> list[list[int]]:
         else:
             encoded = [e.ids for e in _WORKER["tok"].encode_batch(texts, add_special_tokens=False)]
         for (j, _), ids in zip(group, encoded):
-            out[j] += ids
+            out[j].append(np.asarray(ids, dtype=np.uint16))
 
     for j, d in enumerate(docs):
         for p in pieces(d):
@@ -160,7 +161,8 @@ def _encode_docs(docs: list[str]) -> list[list[int]]:
                 group, size = [], 0
     if group:
         flush()
-    return out
+    empty = np.empty(0, dtype=np.uint16)
+    return [np.concatenate(parts) if parts else empty for parts in out]
 
 
 def choose_backend(tok, tok_path: Path, sample: list[str]) -> str:
