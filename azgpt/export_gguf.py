@@ -1,10 +1,24 @@
 """Export a checkpoint to one GGUF file for llama.cpp and Ollama, with an Ollama Modelfile.
 
-The model is llama.cpp's `gpt2` architecture, which is azgpt's model: learned positions,
-pre-LayerNorm blocks, one fused QKV projection split q|k|v, tanh GELU, a head tied to the token
-embedding (llama.cpp reuses `token_embd` when no `output` tensor is stored). nn.Linear keeps
-its weights (out, in), which is GGUF's row-major layout for ggml's (in, out), so unlike the
-transformers export nothing is transposed.
+One writer serves both of azgpt's model flavours; small per-architecture functions pick
+llama.cpp's architecture, its tensor names and its hyperparameter keys:
+
+- model.arch "gpt2" is llama.cpp's `gpt2`: learned positions, pre-LayerNorm blocks, one fused
+  QKV projection split q|k|v, tanh GELU, a head tied to the token embedding (llama.cpp reuses
+  `token_embd` when no `output` tensor is stored). Models trained with bias=false get zero
+  biases, which `gpt2` requires.
+- model.arch "llama" is llama.cpp's `llama`, or `qwen3` when QK-norm is on (`qwen3` is llama
+  plus a per-head RMSNorm of queries and keys, `attn_q_norm`/`attn_k_norm`, one weight of
+  head_size shared by all heads, as azgpt's): RMSNorm, SwiGLU (`ffn_gate`, `ffn_up`,
+  `ffn_down`), rotary positions, grouped-query attention (`head_count_kv`), no biases. A tied
+  head stores no `output` tensor; an untied one stores it. Rotary layouts differ: azgpt rotates
+  the pairs (i, i + hs/2) of each head ("rotate half", llama.cpp's NEOX rope, which `qwen3`
+  uses), while llama.cpp's `llama` rotates adjacent pairs (2i, 2i + 1). For `llama` the rows of
+  each query and key head are therefore reordered so that row 2i holds azgpt's row i and row
+  2i + 1 its row i + hs/2; attention scores are unchanged, as queries and keys move alike.
+
+nn.Linear keeps its weights (out, in), which is GGUF's row-major layout for ggml's (in, out), so
+unlike the transformers export nothing is transposed.
 
 The file is written with the `gguf` package (maintained by the llama.cpp project). It writes
 f32, f16, q8_0 and q4_0 itself; q4_k_m is made by llama.cpp's own quantizer
@@ -155,29 +169,45 @@ def gguf_vocab(tokenizer_json: str | Path, n_vocab: int) -> Vocab:
     return Vocab(tokens, types, merges, special[EOT], special.get(PAD))
 
 
-def _tensor_type(name: str, arr: np.ndarray, quant: str):
+def gguf_arch(config) -> str:
+    """llama.cpp's architecture for an azgpt model: `gpt2`, `llama`, or `qwen3` (QK-norm)."""
+    arch = getattr(config, "arch", "gpt2")
+    if arch == "gpt2":
+        return "gpt2"
+    if arch == "llama":
+        return "qwen3" if config.qk_norm else "llama"
+    raise ValueError(f"no GGUF architecture for model.arch={arch!r}")
+
+
+def _tensor_type(name: str, arr: np.ndarray, quant: str, head: str):
     """The GGML type each tensor is stored as: 1-D tensors (norms, biases) and the position
     table stay f32, as llama.cpp's converter and quantizer keep them; matrices take the quant.
-    For q4_0 the tied token embedding, which is also the output head, is q8_0: llama.cpp's own
-    quantizer keeps that tensor at 6+ bits for every 4-bit type, and the writer has no Q6_K."""
+    For q4_0 the output head (`head`: `output.weight`, or the tied `token_embd.weight`) is q8_0:
+    llama.cpp's own quantizer keeps that tensor at 6+ bits for every 4-bit type, and the writer
+    has no Q6_K."""
     from gguf import GGMLQuantizationType as T
 
     if arr.ndim == 1 or name == "position_embd.weight" or quant == "f32":
         return T.F32
     if quant == "f16":
         return T.F16
-    if quant == "q8_0" or (quant == "q4_0" and name == "token_embd.weight"):
+    if quant == "q8_0" or (quant == "q4_0" and name == head):
         return T.Q8_0
     if quant == "q4_0":
         return T.Q4_0
     raise ValueError(quant)
 
 
-def gguf_tensors(model) -> list[tuple[str, np.ndarray]]:
-    """azgpt's parameters under llama.cpp's gpt2 tensor names, float32, (out, in) layout.
-    Models trained with bias=false get zero biases: llama.cpp's gpt2 requires them."""
-    sd = {k: v.detach().to("cpu").float().numpy() for k, v in model.state_dict().items()}
-    c = model.config
+def adjacent_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """A query or key matrix (n_heads * hs, in) with each head's rows moved from azgpt's rotate-
+    half order (row i pairs with row i + hs/2) to llama.cpp's `llama` order (row 2i pairs with
+    2i + 1): new row 2i is old row i, new row 2i + 1 is old row i + hs/2."""
+    rows, cols = w.shape
+    hs = rows // n_heads
+    return w.reshape(n_heads, 2, hs // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def _gpt2_tensors(sd: dict, c) -> list[tuple[str, np.ndarray]]:
     zeros = lambda n: np.zeros(n, dtype=np.float32)  # noqa: E731
     get = lambda k, n: sd[k] if k in sd else zeros(n)  # noqa: E731
     out = [
@@ -205,7 +235,67 @@ def gguf_tensors(model) -> list[tuple[str, np.ndarray]]:
         ("output_norm.weight", sd["transformer.ln_f.weight"]),
         ("output_norm.bias", get("transformer.ln_f.bias", c.n_embd)),
     ]
+    return out
+
+
+def _llama_tensors(sd: dict, c, arch: str) -> list[tuple[str, np.ndarray]]:
+    # `qwen3` ropes as azgpt does; `llama` needs each query/key head's rows reordered.
+    rope = adjacent_rope_rows if arch == "llama" else (lambda w, n: w)
+    out = [("token_embd.weight", sd["transformer.wte.weight"])]
+    for i in range(c.n_layer):
+        p, b = f"transformer.h.{i}.", f"blk.{i}."
+        out += [
+            (b + "attn_norm.weight", sd[p + "ln_1.weight"]),
+            (b + "attn_q.weight", rope(sd[p + "attn.c_q.weight"], c.n_head)),
+            (b + "attn_k.weight", rope(sd[p + "attn.c_k.weight"], c.kv_heads)),
+            (b + "attn_v.weight", sd[p + "attn.c_v.weight"]),
+            (b + "attn_output.weight", sd[p + "attn.c_proj.weight"]),
+            (b + "ffn_norm.weight", sd[p + "ln_2.weight"]),
+            (b + "ffn_gate.weight", sd[p + "mlp.c_gate.weight"]),
+            (b + "ffn_up.weight", sd[p + "mlp.c_fc.weight"]),
+            (b + "ffn_down.weight", sd[p + "mlp.c_proj.weight"]),
+        ]
+        if c.qk_norm:
+            out += [
+                (b + "attn_q_norm.weight", sd[p + "attn.q_norm.weight"]),
+                (b + "attn_k_norm.weight", sd[p + "attn.k_norm.weight"]),
+            ]
+    out.append(("output_norm.weight", sd["transformer.ln_f.weight"]))
+    if not c.tie_embeddings:  # tied: llama.cpp reuses token_embd as the head
+        out.append(("output.weight", sd["lm_head.weight"]))
+    return out
+
+
+def gguf_tensors(model) -> list[tuple[str, np.ndarray]]:
+    """azgpt's parameters under llama.cpp's tensor names for `gguf_arch(model.config)`,
+    float32, (out, in) layout."""
+    sd = {k: v.detach().to("cpu").float().numpy() for k, v in model.state_dict().items()}
+    c = model.config
+    arch = gguf_arch(c)
+    out = _gpt2_tensors(sd, c) if arch == "gpt2" else _llama_tensors(sd, c, arch)
     return [(n, np.ascontiguousarray(a, dtype=np.float32)) for n, a in out]
+
+
+def _add_hparams(w, c, arch: str) -> None:
+    """The hyperparameter keys llama.cpp reads for `arch` (written under `{arch}.`)."""
+    w.add_context_length(c.block_size)
+    w.add_embedding_length(c.n_embd)
+    w.add_feed_forward_length(c.ffn_hidden)
+    w.add_block_count(c.n_layer)
+    w.add_head_count(c.n_head)
+    if arch == "gpt2":
+        w.add_layer_norm_eps(1e-5)  # torch.nn.LayerNorm's default, which azgpt uses
+        return
+    from .model import RMS_EPS
+
+    hs = c.n_embd // c.n_head
+    w.add_head_count_kv(c.kv_heads)
+    w.add_key_length(hs)
+    w.add_value_length(hs)
+    w.add_rope_dimension_count(hs)  # every dimension of a head rotates
+    w.add_rope_freq_base(float(c.rope_theta))
+    w.add_layer_norm_rms_eps(RMS_EPS)  # the blocks', the final and the QK norms'
+    w.add_vocab_size(c.vocab_size)
 
 
 def _encode_tensors(model, quant: str):
@@ -214,9 +304,11 @@ def _encode_tensors(model, quant: str):
     import gguf
     from gguf import GGMLQuantizationType as T
 
+    named = gguf_tensors(model)
+    head = "output.weight" if any(n == "output.weight" for n, _ in named) else "token_embd.weight"
     out = []
-    for name, arr in gguf_tensors(model):
-        qt = _tensor_type(name, arr, quant)
+    for name, arr in named:
+        qt = _tensor_type(name, arr, quant, head)
         if qt == T.F32:
             data = arr
         elif qt == T.F16:
@@ -251,15 +343,11 @@ def write_gguf(
     c = model.config
     tensors = _encode_tensors(model, quant)
     _check_space(path, sum(d.nbytes for _, d, _ in tensors) + 64 * len(vocab.tokens))
-    w = gguf.GGUFWriter(path, arch="gpt2")
+    arch = gguf_arch(c)
+    w = gguf.GGUFWriter(path, arch=arch)
     w.add_name(name)
     w.add_languages(["az"])
-    w.add_context_length(c.block_size)
-    w.add_embedding_length(c.n_embd)
-    w.add_feed_forward_length(4 * c.n_embd)
-    w.add_block_count(c.n_layer)
-    w.add_head_count(c.n_head)
-    w.add_layer_norm_eps(1e-5)  # torch.nn.LayerNorm's default, which azgpt uses
+    _add_hparams(w, c, arch)
     w.add_file_type(int(getattr(gguf.LlamaFileType, FILE_TYPES[quant])))
     if quant in ("q8_0", "q4_0"):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -402,12 +490,6 @@ def export_gguf(
         raise UserError(f"--modelfile {mf_p} is the GGUF file itself; choose another name.")
     model, meta = load_model(ckpt, "cpu")
     model.eval()
-    arch = getattr(model.config, "arch", "gpt2")
-    if arch != "gpt2":
-        raise UserError(
-            f"checkpoint {ckpt} is an arch={arch!r} model and --format gguf writes llama.cpp's "
-            "gpt2 architecture only; export it with --format hf or train with model.arch=gpt2."
-        )
     _, sha, tok_path = checkpoint_tokenizer(ckpt, meta, tokenizer)
     check_llama_cpp_tokenizer(tok_path)
     if quant == "q4_k_m":

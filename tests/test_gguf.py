@@ -2,7 +2,9 @@
 
 A small model is trained once on the embedded sample corpus; its GGUF files are loaded by
 llama.cpp, which must tokenize id for id like azgpt, give azgpt's logits (f32), the same
-greedy continuation, and bits per byte close to f32 for each quantization.
+greedy continuation, and bits per byte close to f32 for each quantization. model.arch=llama
+checkpoints (llama.cpp's `llama`, or `qwen3` with QK-norm) are checked the same way: one tied
+with grouped-query attention, one untied with QK-norm.
 """
 
 from __future__ import annotations
@@ -42,11 +44,17 @@ def need_llama_cpp():
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def data(tmp_path_factory):
+    """The default tokenizer and token files of the sample corpus."""
+    return make_data(tmp_path_factory.mktemp("gguf"), vocab=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def run(data):
     """A 2-layer model of width 256 (K-quant blocks are 256 wide), context 128, trained for 24
     steps on the sample corpus, with the default tokenizer."""
-    base = tmp_path_factory.mktemp("gguf")
-    tok, d = make_data(base, vocab=VOCAB)
+    tok, d = data
+    base = d.parent
     over = {
         "model.vocab_size": VOCAB,
         "model.block_size": BLOCK,
@@ -86,8 +94,8 @@ def model(run):
 
 
 @pytest.fixture(scope="module")
-def tok(run):
-    return load_tokenizer(run[1])
+def tok(data):
+    return load_tokenizer(data[0])
 
 
 def _llama(path, **kw):
@@ -375,6 +383,222 @@ def test_cli_writes_the_files(run, tmp_path, capsys):
     assert types["token_embd.weight"] == "Q8_0"  # the tied output head keeps 8 bits
 
 
+# ----------------------------------------------------------------------------- llama-arch models
+
+# model.arch = "llama": without QK-norm llama.cpp's `llama` (which ropes adjacent pairs, so the
+# export reorders query and key rows), with QK-norm its `qwen3` (which ropes halves, as azgpt).
+LLAMA_CASES = {
+    "gqa-tied": ("llama", {"model.n_kv_head": 2}),
+    "qknorm-untied": (
+        "qwen3",
+        {"model.qk_norm": True, "model.tie_embeddings": False, "model.rope_theta": 50000.0},
+    ),
+}
+LLAMA_QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_k_m")
+
+
+@pytest.fixture(scope="module", params=list(LLAMA_CASES))
+def llama_case(request, data, tmp_path_factory):
+    """One llama-arch case: llama.cpp's architecture name, a checkpoint trained for 24 steps (as
+    `run`, SwiGLU width 512 so K-quant blocks fit) with its GGUF files, and a checkpoint of random
+    weights shaped to make a wrong export show (see `_shaped`) with its f32 GGUF file."""
+    need_llama_cpp()
+    tok, d = data
+    base = tmp_path_factory.mktemp(f"llama-{request.param}")
+    gguf_arch, extra = LLAMA_CASES[request.param]
+    over = {
+        "model.arch": "llama",
+        "model.bias": False,
+        "model.vocab_size": VOCAB,
+        "model.block_size": BLOCK,
+        "model.n_embd": 256,
+        "model.n_head": 4,
+        "model.mlp_hidden": 512,
+        "train.max_iters": 24,
+        "train.eval_interval": 24,
+        "train.batch_size": 4,
+        **extra,
+    }
+    train(tiny_config(tok, d, base / "run", **over))
+    trained = base / "run" / "last"
+    files = {
+        q: export_gguf(str(trained), str(base / f"t-{q}.gguf"), quant=q, modelfile=str(base / q))[0]
+        for q in LLAMA_QUANTS
+    }
+    m, _ = load_model(trained)
+    shaped = _save_checkpoint(_shaped(m.config), base / "shaped", tok)
+    shaped_f32, _ = export_gguf(str(shaped), str(base / "s-f32.gguf"), quant="f32")
+    return {
+        "arch": gguf_arch,
+        "trained": trained,
+        "files": files,
+        "shaped": shaped,
+        "shaped_f32": shaped_f32,
+    }
+
+
+def _shaped(cfg):
+    """A model of config `cfg` with random weights: norm gains spread around 1 (so a norm put in
+    the wrong place shows) and the query, key and output projections 4x larger than at
+    initialisation, so attention is sharp (a rotary layout error moves the logits far) and greedy
+    decoding wanders over many tokens rather than repeating one."""
+    from azgpt.model import GPT
+
+    torch.manual_seed(0)
+    m = GPT(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif name.endswith(("attn.c_q.weight", "attn.c_k.weight", "c_proj.weight")):
+                p.mul_(4)
+    return m
+
+
+def _save_checkpoint(model, ck: Path, tok_dir) -> Path:
+    from azgpt.checkpoint import save_model_files
+
+    ck.mkdir()
+    save_model_files(model, ck)
+    shutil.copy(Path(tok_dir) / "tokenizer.json", ck / "tokenizer.json")
+    return ck
+
+
+def _llama_f32_cache(path):
+    """llama.cpp with an f32 KV cache: the file's own function, without the f16 rounding of
+    cached keys and values that llama.cpp applies by default."""
+    llama_cpp = need_llama_cpp()
+    return _llama(path, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+
+
+def _rel_err(theirs: np.ndarray, ours: np.ndarray) -> float:
+    """The largest difference at any position, relative to that position's largest logit."""
+    return float((np.abs(theirs - ours).max(axis=1) / np.abs(ours).max(axis=1)).max())
+
+
+def test_llama_file_holds_llama_cpp_architecture(llama_case):
+    c = llama_case
+    m, _ = load_model(c["trained"])
+    cfg = m.config
+    r = gguf.GGUFReader(c["files"]["f32"])
+    f = {k: v.contents() for k, v in r.fields.items()}
+    a = c["arch"]
+    hs = cfg.n_embd // cfg.n_head
+    assert f["general.architecture"] == a
+    assert f[f"{a}.context_length"] == BLOCK and f[f"{a}.block_count"] == cfg.n_layer
+    assert f[f"{a}.embedding_length"] == cfg.n_embd
+    assert f[f"{a}.feed_forward_length"] == 512
+    assert f[f"{a}.attention.head_count"] == cfg.n_head
+    assert f[f"{a}.attention.head_count_kv"] == cfg.kv_heads
+    assert f[f"{a}.attention.key_length"] == f[f"{a}.attention.value_length"] == hs
+    assert f[f"{a}.rope.dimension_count"] == hs
+    assert f[f"{a}.rope.freq_base"] == cfg.rope_theta
+    assert f[f"{a}.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-5)
+    assert f["tokenizer.ggml.pre"] == "llama-bpe" and f["tokenizer.ggml.add_bos_token"] is True
+    shapes = {t.name: [int(x) for x in t.shape] for t in r.tensors}  # ggml order: (in, out)
+    per_block = {"attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
+                 "ffn_gate", "ffn_up", "ffn_down"}  # fmt: skip
+    if cfg.qk_norm:
+        per_block |= {"attn_q_norm", "attn_k_norm"}
+    want = {f"blk.{i}.{t}.weight" for i in range(cfg.n_layer) for t in per_block}
+    want |= {"token_embd.weight", "output_norm.weight"}
+    if not cfg.tie_embeddings:
+        want.add("output.weight")  # tied: none, llama.cpp reuses token_embd
+    assert set(shapes) == want
+    assert shapes["blk.0.attn_k.weight"] == [cfg.n_embd, cfg.kv_heads * hs]
+    assert shapes["blk.0.ffn_down.weight"] == [512, cfg.n_embd]
+    if cfg.qk_norm:
+        assert shapes["blk.1.attn_q_norm.weight"] == [hs]
+
+
+def test_llama_f32_logits_match_azgpt(llama_case, tok):
+    # The longest prompt is 128 tokens: rotary angles at far positions differ by a lot if a
+    # query/key layout were wrong. Shaped random weights make attention sharp; the trained
+    # checkpoint is what `azgpt train` writes. llama.cpp runs with an f32 KV cache: its default
+    # f16 cache alone moves these logits by up to ~9e-4 of the largest one.
+    prompts = _prompts(tok)
+    assert max(len(p) for p in prompts) == BLOCK
+    for ck, path in ((llama_case["shaped"], llama_case["shaped_f32"]),
+                     (llama_case["trained"], llama_case["files"]["f32"])):  # fmt: skip
+        model, _ = load_model(ck)
+        model.eval()
+        llm = _llama_f32_cache(path)
+        for ids in prompts:
+            # measured: at most 1e-5 of the largest logit (f32 arithmetic in another order)
+            assert _rel_err(_llama_logits(llm, ids), _azgpt_logits(model, ids)) < 1e-4
+
+
+def test_llama_a_rope_layout_error_would_show(llama_case, tok, tmp_path, monkeypatch):
+    # The same export with the other architecture's rotary layout: llama.cpp's logits then
+    # disagree with azgpt's far beyond the tolerance above, so that check can fail.
+    import azgpt.export_gguf as mod
+
+    right = mod._llama_tensors
+    swap = {"llama": "qwen3", "qwen3": "llama"}
+    monkeypatch.setattr(mod, "_llama_tensors", lambda sd, c, arch: right(sd, c, swap[arch]))
+    path, _ = export_gguf(str(llama_case["shaped"]), str(tmp_path / "w.gguf"), quant="f32")
+    assert gguf.GGUFReader(path).fields["general.architecture"].contents() == llama_case["arch"]
+    model, _ = load_model(llama_case["shaped"])
+    ids = _prompts(tok)[-1]
+    theirs = _llama_logits(_llama_f32_cache(path), ids)
+    assert _rel_err(theirs, _azgpt_logits(model.eval(), ids)) > 0.05  # measured: 1.3 to 1.7
+
+
+def test_llama_f32_greedy_continuation_is_identical(llama_case, tok):
+    model, _ = load_model(llama_case["shaped"])
+    model.eval()
+    llm = _llama_f32_cache(llama_case["shaped_f32"])
+    ids = [tok.token_to_id(EOT)] + encode(tok, "Azərbaycanın paytaxtı")
+    with torch.no_grad():
+        ours = [int(t) for t in model.generate(torch.tensor([ids]), 32, temperature=0)]
+    llm.reset()
+    llm.eval(ids)
+    theirs = []
+    for _ in range(32):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        theirs.append(nxt)
+        llm.eval([nxt])
+    assert len(ours) == 32 and theirs == ours
+    assert len(set(ours)) >= 8  # a varied continuation, not one token repeated
+
+
+def test_llama_quantized_files_stay_close_to_f32(llama_case, tok):
+    files = llama_case["files"]
+    model, _ = load_model(llama_case["trained"])
+    model.eval()
+    ids = _prompts(tok)[-1]
+    ours = _azgpt_logits(model, ids)
+    rel = {q: _rel_err(_llama_logits(_llama(files[q]), ids), ours) for q in ("f16", "q8_0")}
+    # measured: f16 <= 8e-4, q8_0 <= 2.1e-2 of the largest logit (a wrong layout: ~1)
+    assert rel["f16"] < 5e-3 and rel["q8_0"] < 0.1, rel
+    text = (SAMPLE / "dialogue.txt").read_text(encoding="utf-8")
+    docs = [d for d in text.split("\n\n") if d.strip()][:6]
+    bpb = {q: _bits_per_byte(_llama(p), tok, docs) for q, p in files.items()}
+    size = {q: p.stat().st_size for q, p in files.items()}
+    assert bpb["f16"] == pytest.approx(bpb["f32"], rel=1e-4)
+    assert bpb["q8_0"] == pytest.approx(bpb["f32"], rel=1e-3)
+    assert bpb["q4_0"] == pytest.approx(bpb["f32"], rel=1e-2)
+    assert bpb["q4_k_m"] == pytest.approx(bpb["f32"], rel=1e-2)
+    assert size["f16"] < 0.6 * size["f32"] and size["q8_0"] < 0.6 * size["f16"]
+    assert size["q4_0"] < size["q8_0"] and size["q4_k_m"] < size["q8_0"]
+
+
+def test_llama_quantized_tensor_types(llama_case):
+    files = llama_case["files"]
+    untied = llama_case["arch"] == "qwen3"
+    head = "output.weight" if untied else "token_embd.weight"
+    q40 = {t.name: t.tensor_type.name for t in gguf.GGUFReader(files["q4_0"]).tensors}
+    assert q40["blk.0.attn_q.weight"] == q40["blk.1.ffn_down.weight"] == "Q4_0"
+    assert q40[head] == "Q8_0"  # the output head keeps 8 bits
+    if untied:
+        assert q40["token_embd.weight"] == "Q4_0"
+        assert q40["blk.0.attn_q_norm.weight"] == "F32"
+    assert q40["output_norm.weight"] == q40["blk.0.attn_norm.weight"] == "F32"
+    km = {t.name: t.tensor_type.name for t in gguf.GGUFReader(files["q4_k_m"]).tensors}
+    assert {"Q4_K", "Q6_K"} <= set(km.values())
+    assert km[head] == "Q6_K" and km["output_norm.weight"] == "F32"
+
+
 # ----------------------------------------------------------------------------- the tokenizer check
 
 
@@ -568,18 +792,20 @@ def test_write_error_from_the_file_system(run, tmp_path, quant):
     assert not list(tmp_path.iterdir())
 
 
-def test_a_non_gpt2_architecture_is_refused(run, tmp_path, capsys):
-    from azgpt.checkpoint import save_model_files
+def test_cli_exports_a_llama_checkpoint(run, tmp_path, capsys):
+    # arch=llama checkpoints export too (no refusal); llama.cpp loads the file.
+    from azgpt.cli import main
     from azgpt.config import ModelConfig
     from azgpt.model import GPT
 
-    if "arch" not in ModelConfig.__dataclass_fields__:
-        pytest.skip("this azgpt has one architecture")
     m, _ = load_model(run[0])
+    torch.manual_seed(0)
     cfg = ModelConfig(**{**m.config.to_dict(), "arch": "llama", "bias": False})
-    ck = tmp_path / "ck"
-    ck.mkdir()
-    save_model_files(GPT(cfg), ck)
-    shutil.copy(Path(run[1]) / "tokenizer.json", ck / "tokenizer.json")
-    _fails(capsys, _gguf_args(ck, tmp_path / "m.gguf"), "arch='llama'", "--format hf")
-    assert not (tmp_path / "m.gguf").exists()
+    ck = _save_checkpoint(GPT(cfg), tmp_path / "ck", run[1])
+    out = tmp_path / "m.gguf"
+    assert main([str(a) for a in _gguf_args(ck, out, "--quant", "q8_0")]) == 0
+    assert gguf.GGUFReader(out).fields["general.architecture"].contents() == "llama"
+    assert "FROM ./m.gguf" in (tmp_path / "Modelfile").read_text()
+    llm = _llama(out)
+    ids = _prompts(load_tokenizer(run[1]))[1]
+    assert _llama_logits(llm, ids).shape == (len(ids), VOCAB)
