@@ -13,6 +13,7 @@ from pathlib import Path
 from .corpus import (
     WikiText,
     batched,
+    continues,
     discover,
     is_jsonl,
     is_parquet,
@@ -36,7 +37,7 @@ class CleanReport:
     repairs: Counter = field(default_factory=Counter)
     """How many times each repair rule fired."""
     dropped: Counter = field(default_factory=Counter)
-    """Documents dropped, by reason."""
+    """Documents dropped, by reason (a part of a long document counts as one)."""
     input: Counter = field(default_factory=Counter)
     """Problems met while reading (invalid UTF-8 lines, bad JSON lines, ...)."""
     boilerplate_lines: int = 0
@@ -84,9 +85,11 @@ class _Job:
     signer: Signer | None = None
 
     def __call__(self, docs: list[tuple[str, int]]) -> list[tuple]:
-        """(text, rule counts, drop reason, input bytes, MinHash signature or None) per document."""
+        """(text, rule counts, drop reason, input bytes, MinHash signature or None, whether the
+        next item continues this document) per document or part of a long document."""
         out = []
         for d, nbytes in docs:
+            more = continues(d)
             if isinstance(d, WikiText):
                 d = d.to_text()
             text, stats = clean_document(d, self.opts)
@@ -96,7 +99,7 @@ class _Job:
             elif self.filter:
                 reason = language_verdict(text, self.min_az_share)
             sig = self.signer.sign(text) if self.signer is not None and reason is None else None
-            out.append((text, stats, reason, nbytes, sig))
+            out.append((text, stats, reason, nbytes, sig, more))
         return out
 
 
@@ -142,15 +145,23 @@ def run_clean(
         with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
             docs = _documents(files, report, text_field, lines)
             first = True
+            # A long document comes in parts, each cleaned, filtered and deduplicated on its own;
+            # the parts kept are written joined by a newline, as one document.
+            in_doc = False  # the item read belongs to the document of the item before it
+            doc_written = False  # some part of the current document has been written
             for results in ordered_map(
                 job,
                 batched(docs, batch_docs, max_chars=4 << 20, size_of=lambda d: len(d[0])),
                 pool,
                 window=4 * max(1, workers),
             ):
-                for text, stats, reason, nbytes, sig in results:
-                    report.documents_in += 1
-                    report.bytes_in += nbytes
+                for text, stats, reason, nbytes, sig, more in results:
+                    part_of = in_doc
+                    in_doc = more
+                    if not part_of:
+                        doc_written = False
+                    report.documents_in += not more
+                    report.bytes_in += nbytes + more
                     report.repairs.update(stats)
                     if filter:
                         if reason is None and exact is not None and exact.is_duplicate(text):
@@ -163,10 +174,12 @@ def run_clean(
                     elif not text:
                         report.dropped["empty_after_cleaning"] += 1
                         continue
-                    data = text if first else "\n\n" + text
+                    sep = "\n" if part_of and doc_written else "\n\n"
+                    data = text if first else sep + text
                     first = False
                     f.write(data)
-                    report.documents_out += 1
+                    report.documents_out += not (part_of and doc_written)
+                    doc_written = True
                     report.bytes_out += len(data.encode("utf-8"))
             if report.documents_out == 0:
                 raise UserError(

@@ -510,8 +510,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"azgpt: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    import warnings
+
+    warnings.formatwarning = _format_warning  # one line for the user, not a source location
     try:
         parser = build_parser()
         a, rest = parser.parse_known_args(argv)
@@ -545,3 +552,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("azgpt: interrupted", file=sys.stderr)
         return 130
+    except BaseException as e:
+        # The tokenizers library turns a Rust panic (a hostile or damaged tokenizer.json, a
+        # regex that gives up) into PanicException, which is not an Exception.
+        if type(e).__name__ != "PanicException":
+            raise
+        why = (str(e).strip().splitlines() or ["no message"])[0][:200]
+        print(
+            f"azgpt: error: the tokenizers library stopped on this input ({why}); the tokenizer "
+            "is damaged or hostile: use one made by `azgpt tokenizer train`.",
+            file=sys.stderr,
+        )
+        return 2

@@ -1,7 +1,8 @@
 """Reading corpora: files or folders of .txt / .txt.gz / .jsonl / .jsonl.gz, Parquet and MediaWiki
 XML dumps (.xml / .xml.bz2), streamed document by document. Text files hold documents separated
-by blank lines; JSONL files hold one document per line in a text field, Parquet files one per row
-in a text column (read row group by row group); a dump gives one document per article. Partly bad
+by blank lines (a document longer than PART_CHARS comes in parts, cut between lines); JSONL
+files hold one document per line in a text field, Parquet files one per row in a text column
+(read row group by row group); a dump gives one document per article. Partly bad
 input (bytes that are not UTF-8, lines that are not JSON) is repaired or skipped and counted;
 wholly bad input is a UserError.
 """
@@ -39,15 +40,49 @@ def _supported(p: Path) -> bool:
     return p.name.endswith(SUFFIXES)
 
 
+def _walk(folder: Path, links: list[Path]) -> Iterator[Path]:
+    """Corpus files under `folder`, recursively; symbolic links met inside it (to files or to
+    folders) are not followed but collected in `links`."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        raise UserError(
+            f"cannot list folder {folder} ({e.strerror}); check its permissions."
+        ) from None
+    for e in entries:
+        p = Path(e.path)
+        if e.is_symlink():
+            if e.is_dir() or _supported(p):
+                links.append(p)
+        elif e.is_dir():
+            yield from _walk(p, links)
+        elif e.is_file() and _supported(p):
+            yield p
+
+
 def discover(paths: Iterable[str | Path]) -> list[Path]:
-    """Expand folders (recursively, sorted) and check every input exists and is readable text."""
+    """Expand folders (recursively, sorted) and check every input exists and is readable text.
+
+    One rule for links: a path named on the command line is read, link or not (the user chose
+    it); a symbolic link found inside a folder, to a file or to a folder, is skipped with a
+    warning, so a link planted in a shared folder cannot pull another file into the corpus."""
     out: list[Path] = []
     for raw in paths:
         p = Path(raw)
         if not p.exists():
             raise UserError(f"input {p} does not exist; check the path.")
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and _supported(q))
+            links: list[Path] = []
+            found = list(_walk(p, links))
+            if links:
+                import warnings
+
+                shown = ", ".join(str(q) for q in links[:3]) + (", ..." if len(links) > 3 else "")
+                warnings.warn(
+                    f"skipped {len(links)} symbolic link(s) inside {p} ({shown}); name them on "
+                    "the command line to read them",
+                    stacklevel=2,
+                )
             if not found:
                 raise UserError(
                     f"folder {p} holds no .txt, .txt.gz, .jsonl, .jsonl.gz, .parquet or .xml(.bz2) "
@@ -134,7 +169,8 @@ def is_jsonl(p: Path) -> bool:
 def iter_documents(
     p: Path, stats: Counter, text_field: str = "text", line_docs: bool = False
 ) -> Iterator[str]:
-    """Yield the raw documents of one file, in order. Memory holds one document at a time."""
+    """Yield the raw documents of one file, in order; a long text document comes in parts (see
+    `Continued`). Memory holds one document, or one part, at a time."""
     for text, _ in iter_sourced_documents(p, stats, text_field, line_docs):
         yield text
 
@@ -172,8 +208,29 @@ def iter_sourced_documents(
         ) from None
 
 
+PART_CHARS = 1 << 20
+"""A text document longer than this (a file without blank lines is one document) is handed on
+in parts of about this many characters, cut between lines; memory is then bounded by the part
+(and by the longest line), not by the document."""
+
+
+class Continued(str):
+    """A part of a long document that the next item continues, after a newline. The last part
+    of a document is a plain str, as is a whole document, so code that does not care sees text;
+    `continues(item)` tells the parts apart."""
+
+    def __reduce__(self):
+        return (Continued, (str(self),))
+
+
+def continues(item) -> bool:
+    """True when the next item is the rest of this item's document (joined by a newline)."""
+    return isinstance(item, Continued)
+
+
 def _iter_txt(f, stats: Counter, line_docs: bool) -> Iterator[str]:
     lines: list[str] = []
+    size = 0
     for raw in f:
         line = _decode(raw, stats).rstrip("\r\n")
         if line_docs:
@@ -181,10 +238,17 @@ def _iter_txt(f, stats: Counter, line_docs: bool) -> Iterator[str]:
                 yield line
             continue
         if line.strip():
+            # Cut before a line that starts with a non-space character: no pre-tokenizer joins a
+            # newline to what follows it then, so the parts encode to the ids of the whole. Lines
+            # that start with a space only delay the cut, up to four parts' worth.
+            if size >= PART_CHARS and (not line[0].isspace() or size >= 4 * PART_CHARS):
+                yield Continued("\n".join(lines))
+                lines, size = [], 0
             lines.append(line)
+            size += len(line) + 1
         elif lines:
             yield "\n".join(lines)
-            lines = []
+            lines, size = [], 0
     if lines:
         yield "\n".join(lines)
 

@@ -21,7 +21,7 @@ import torch
 from torch.nn import functional as F
 
 from .checkpoint import checkpoint_tokenizer, load_model, pick_device
-from .corpus import discover, iter_corpus
+from .corpus import continues, discover, iter_corpus
 from .errors import UserError
 from .model import GPT
 from .text import clean_document
@@ -130,15 +130,28 @@ def eval_texts(
             nll, count = nll + a, count + b
             bar.update(len(group))
 
+        # The parts of a long document (corpus.Continued) are scored as one text: a part extends
+        # the sequence before it, or, once that has been scored, starts from its last token.
+        prev_more, last = False, eot
         for d in iter_corpus(paths, Counter(), line_docs=line_docs):
+            more = continues(d)
             d, _ = clean_document(d)  # the same repairs the training text went through
+            docs += prev_more and not more and not d  # an empty last part ends its document
             if not d:
+                prev_more = prev_more and more
                 continue
-            seq = [eot] + encode(tok, d)
-            group.append(seq)
-            size += len(seq)
+            if more:
+                d += "\n"
+            ids = encode(tok, d)
+            if prev_more and group:
+                group[-1] += ids
+            else:
+                group.append([last if prev_more else eot] + ids)
+            last = ids[-1] if ids else last
+            size += len(ids) + 1
             nbytes += len(d.encode("utf-8"))
-            docs += 1
+            docs += not more
+            prev_more = more
             if size >= GROUP_TOKENS:
                 score()
                 group, size = [], 0

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .corpus import discover, iter_corpus, ordered_map, worker_context
+from .corpus import continues, discover, iter_corpus, ordered_map, worker_context
 from .data import MANIFEST, _chunked_max
 from .errors import UserError
 from .fsutil import atomic_path, fsync_dir, is_disk_full, remove_if_left_empty, sha256_file
@@ -64,17 +64,17 @@ class NpyWriter:
         self.f.write(arr.astype("<u2", copy=False).tobytes())
         self.n += len(arr)
 
-    def truncate_last(self, k: int) -> np.ndarray:
-        """Remove and return the last k tokens (used to move one document to val)."""
+    def move_last(self, k: int, dst: NpyWriter) -> None:
+        """Move the last k tokens to `dst` (one document to val), in bounded chunks."""
         self.f.flush()
         pos = NPY_HEADER_BYTES + 2 * (self.n - k)
         with open(self.path, "rb") as r:
             r.seek(pos)
-            tail = np.frombuffer(r.read(2 * k), dtype="<u2").copy()
+            for left in range(2 * k, 0, -(1 << 24)):
+                dst.write(np.frombuffer(r.read(min(left, 1 << 24)), dtype="<u2"))
         self.f.truncate(pos)
         self.f.seek(pos)
         self.n -= k
-        return tail
 
     def close(self) -> None:
         self.f.seek(0)
@@ -112,23 +112,31 @@ def _is_val(seed: int, idx: np.ndarray, frac: float) -> np.ndarray:
     return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53) < frac
 
 
-def _encode_batch(job: tuple[int, list[str], int, float]) -> tuple[bytes, bytes, int, int, int]:
-    """Encode one batch of documents -> (train bytes, val bytes, n_train_docs, n_val_docs, last_train_len)."""
-    start, docs, seed, frac = job
-    ids = _encode_docs([nfc(d) for d in docs])
+def _encode_batch(
+    job: tuple[list[int], list[str], list[bool], int, float],
+) -> tuple[bytes, bytes, int, int, list[tuple[int, bool]]]:
+    """Encode one batch of documents or parts of long documents -> (train bytes, val bytes,
+    train documents ended, val documents ended, (tokens, ends a document) of each train item).
+    Every part of a document shares its index, so its split; the end-of-text token follows only
+    a document's last part, and a part that continues takes the newline that joins it."""
+    doc_idx, docs, more, seed, frac = job
+    ids = _encode_docs([nfc(d) + "\n" if m else nfc(d) for d, m in zip(docs, more)])
     eot = _WORKER["eot"]
-    val_mask = _is_val(seed, np.arange(start, start + len(docs)), frac)
+    val_mask = _is_val(seed, np.asarray(doc_idx, dtype=np.int64), frac)
     parts: dict[bool, list[np.ndarray]] = {False: [], True: []}
-    last_train_len = 0
-    for seq, v in zip(ids, val_mask.tolist()):
-        a = np.empty(len(seq) + 1, dtype=np.uint16)
-        a[:-1] = seq
-        a[-1] = eot
+    ended = {False: 0, True: 0}
+    train_items: list[tuple[int, bool]] = []
+    for seq, m, v in zip(ids, more, val_mask.tolist()):
+        a = np.empty(len(seq) + (not m), dtype=np.uint16)
+        a[: len(seq)] = seq
+        if not m:
+            a[-1] = eot
         parts[v].append(a)
+        ended[v] += not m
         if not v:
-            last_train_len = len(a)
+            train_items.append((len(a), not m))
     cat = {k: (np.concatenate(v).tobytes() if v else b"") for k, v in parts.items()}
-    return cat[False], cat[True], len(parts[False]), len(parts[True]), last_train_len
+    return cat[False], cat[True], ended[False], ended[True], train_items
 
 
 GROUP_CHARS = 1 << 20  # characters per encoder call: bounds memory whatever the documents' sizes
@@ -274,21 +282,29 @@ def run_prepare(
 
             def jobs():
                 nonlocal bytes_in
-                idx = 0
+                idx = 0  # the document's index, shared by the parts of a long one
+                idxs: list[int] = []
                 batch: list[str] = []
+                more: list[bool] = []
                 size = 0
                 for d in iter_corpus(files, stats, text_field):
+                    m = continues(d)
                     if not d.strip():
+                        if not m and more and more[-1]:
+                            more[-1] = False  # an empty last part: the one before ends it
+                            idx += 1
                         continue
-                    batch.append(d)
+                    idxs.append(idx)
+                    batch.append(str(d))
+                    more.append(m)
+                    idx += not m
                     size += len(d)
-                    bytes_in += len(d.encode("utf-8"))
+                    bytes_in += len(d.encode("utf-8")) + m
                     if size >= batch_bytes:
-                        yield (idx, batch, seed, val_fraction)
-                        idx += len(batch)
-                        batch, size = [], 0
+                        yield (idxs, batch, more, seed, val_fraction)
+                        idxs, batch, more, size = [], [], [], 0
                 if batch:
-                    yield (idx, batch, seed, val_fraction)
+                    yield (idxs, batch, more, seed, val_fraction)
 
             if workers > 1:
                 pool = ProcessPoolExecutor(
@@ -302,16 +318,24 @@ def run_prepare(
                 _init_worker(str(tok_path), backend, tok)
             try:
                 sizes = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in files}
-                for tr, va, ntr, nva, ltl in ordered_map(
+                open_len = 0  # tokens of the train document whose parts are being written
+                for tr, va, ntr, nva, items in ordered_map(
                     _encode_batch, jobs(), pool, window=2 * workers
                 ):
                     writers["train"].write(np.frombuffer(tr, dtype=np.uint16))
                     writers["val"].write(np.frombuffer(va, dtype=np.uint16))
                     n_docs["train"] += ntr
                     n_docs["val"] += nva
-                    if ntr:
-                        last_train_len = ltl
-            except BrokenProcessPool:
+                    for n, ends in items:
+                        open_len += n
+                        if ends:
+                            last_train_len, open_len = open_len, 0
+            except (BrokenProcessPool, OSError, ValueError, RuntimeError) as e:
+                # A worker killed while the pool starts another can also surface as an OSError
+                # or ValueError from multiprocessing; the pool knows it is broken either way.
+                broken = getattr(pool, "_broken", False)
+                if not (isinstance(e, BrokenProcessPool) or broken):
+                    raise
                 raise UserError(
                     "a prepare worker process died (out of memory, or killed); rerun, with fewer "
                     "--workers if memory is short."
@@ -330,7 +354,7 @@ def run_prepare(
                 )
             if n_docs["val"] == 0:
                 # Too few documents for the fraction: move the last train document to val.
-                writers["val"].write(writers["train"].truncate_last(last_train_len))
+                writers["train"].move_last(last_train_len, writers["val"])
                 n_docs["train"] -= 1
                 n_docs["val"] += 1
             if n_docs["train"] == 0:

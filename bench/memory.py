@@ -7,7 +7,7 @@ Each command runs as its own process; its peak RSS (with all its worker processe
 from /proc. The target is under 1 GB for every row. Text is the embedded sample corpus repeated
 (or --corpus, e.g. ../shared/corpus/az_train), so the numbers are reproducible anywhere.
 
-    .venv/bin/python bench/memory.py [--mb 300] [--eval-mb 300] [--corpus DIR]
+    .venv/bin/python bench/memory.py [--mb 300] [--eval-mb 300] [--corpus DIR] [--no-filter]
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--mb", type=int, default=300, help="size of each input for clean and prepare")
     ap.add_argument("--eval-mb", type=int, default=300, help="size of each input for eval --text")
     ap.add_argument("--corpus", default=str(ROOT / "data" / "sample"))
+    ap.add_argument("--no-filter", action="store_true", help="also time clean --no-filter")
     a = ap.parse_args()
     from trainkit import make_data, tiny_config  # the test kit's small tokenizer and model
 
@@ -73,7 +74,13 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="azgpt-mem-"))
     tok, data = make_data(work / "kit")
-    cfg = tiny_config(tok, data, work / "run", **{"train.max_iters": 2, "model.n_layer": 1})
+    # A context of 128 and batches of 64 windows keep eval's run time down; memory is what counts.
+    cfg = tiny_config(
+        tok,
+        data,
+        work / "run",
+        **{"train.max_iters": 2, "model.n_layer": 1, "model.block_size": 128},
+    )
     train(cfg)
     inputs = write_inputs(Path(a.corpus), work, a.mb)
     small = write_inputs(Path(a.corpus), work / "eval", a.eval_mb) if a.eval_mb != a.mb else inputs
@@ -81,16 +88,24 @@ def main() -> None:
     second.write_text("Bakı Azərbaycanın paytaxtıdır.\n", encoding="utf-8")
     rows = []
     for shape, path in inputs.items():
-        secs, peak = run(
-            ["clean", str(path), "--out", str(work / f"{shape}.clean.txt"), "--no-filter"]
-        )
-        rows.append(("clean --no-filter", shape, a.mb, secs, peak))
+        for flags in ([], ["--no-filter"]) if a.no_filter else ([],):
+            clean_out = str(work / f"{shape}.clean.txt")
+            secs, peak = run(["clean", str(path), "--out", clean_out, *flags])
+            rows.append((" ".join(["clean", *flags]), shape, a.mb, secs, peak))
         # prepare needs two documents for a train/val split: a one-line second file
         out = str(work / f"{shape}.data")
         secs, peak = run(["prepare", str(path), str(second), "--tokenizer", str(tok), "--out", out])
         rows.append(("prepare", shape, a.mb, secs, peak))
         secs, peak = run(
-            ["eval", "--ckpt", str(work / "run" / "last"), "--text", str(small[shape])]
+            [
+                "eval",
+                "--ckpt",
+                str(work / "run" / "last"),
+                "--text",
+                str(small[shape]),
+                "--batch-size",
+                "64",
+            ]  # fmt: skip
         )
         rows.append(("eval --text", shape, a.eval_mb, secs, peak))
     print(

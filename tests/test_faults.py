@@ -365,10 +365,10 @@ def _cases(e):
 
 
 def _snapshot(base: Path) -> dict:
+    """Every file (locks included) with its size and time, and every folder."""
     return {
-        str(p): (p.stat().st_size, p.stat().st_mtime_ns)
+        str(p): (p.lstat().st_size, p.lstat().st_mtime_ns) if not p.is_dir() else "dir"
         for p in base.rglob("*")
-        if p.is_file() and ".lock" not in p.name
     }
 
 

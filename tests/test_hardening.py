@@ -235,45 +235,116 @@ def test_long_documents_encode_in_pieces_with_identical_ids(pretok, monkeypatch)
         monkeypatch.undo()
 
 
+def _long_document(tmp_path) -> Path:
+    """A folder with one file of one long document (no blank line) and a file of a short one."""
+    texts = [p.read_text(encoding="utf-8") for p in sorted(SAMPLE.glob("*.txt"))]
+    big = tmp_path / "in" / "big.txt"
+    big.parent.mkdir()
+    big.write_text("\n".join(texts).replace("\n\n", "\n"), encoding="utf-8")
+    (big.parent / "small.txt").write_text("Bakı gözəl şəhərdir.\n", encoding="utf-8")
+    return big
+
+
+def test_a_long_document_is_read_in_parts_cut_between_lines(tmp_path, monkeypatch):
+    """Memory holds a part, not the document: the parts are bounded, cut before a line that
+    starts with a letter, and joined by newlines they are the document."""
+    from collections import Counter
+
+    import azgpt.corpus as C
+
+    big = _long_document(tmp_path)
+    (whole,) = C.iter_corpus([big], Counter())
+    assert not C.continues(whole) and len(whole) > 20_000
+    monkeypatch.setattr(C, "PART_CHARS", 3000)
+    parts = list(C.iter_corpus([big], Counter()))
+    assert len(parts) > 5
+    assert all(C.continues(p) for p in parts[:-1]) and not C.continues(parts[-1])
+    assert "\n".join(parts) == whole
+    longest_line = max(len(x) for x in whole.split("\n"))
+    assert max(len(p) for p in parts) <= 3000 + longest_line + 1
+    assert all(not p[0].isspace() for p in parts)
+
+
 def test_prepare_of_one_long_document_gives_the_ids_of_the_whole(data, tmp_path, monkeypatch):
+    """The long document comes in parts (cut between lines) and each part in pieces; its ids
+    are those of the whole, one end-of-text after its last part, all in one split, also when
+    it is the train document moved to val."""
     import numpy as np
 
+    import azgpt.corpus as C
     import azgpt.prepare as P
     import azgpt.tokenizer as T
     from azgpt.tokenizer import load_tokenizer
 
     tok_dir, _ = data
-    texts = [p.read_text(encoding="utf-8") for p in sorted(SAMPLE.glob("*.txt"))]
-    big = tmp_path / "in" / "big.txt"
-    big.parent.mkdir()
-    big.write_text("\n".join(texts).replace("\n\n", "\n"), encoding="utf-8")
-    small = tmp_path / "in" / "small.txt"
-    small.write_text("Bakı gözəl şəhərdir.\n", encoding="utf-8")
+    big = _long_document(tmp_path)
+    from collections import Counter
+
+    (doc,) = C.iter_corpus([big], Counter())  # the one document, whole
+    tok = load_tokenizer(tok_dir)
+    want = tok.encode(T.nfc(doc), add_special_tokens=False).ids
+    eot = tok.token_to_id("<|endoftext|>")
+    monkeypatch.setattr(C, "PART_CHARS", 3000)
     monkeypatch.setattr(P, "PIECE_CHARS", 1000)
     monkeypatch.setattr(T, "PIECE_CHARS", 1000)
     monkeypatch.setattr(P, "GROUP_CHARS", 5000)
-    res = P.run_prepare([str(big.parent)], str(tok_dir), str(tmp_path / "d"), val_fraction=0.4,
-                        workers=1, backend="tokenizers")  # fmt: skip
-    tok = load_tokenizer(tok_dir)
-    from collections import Counter
+    for frac, batch in ((0.4, 4000), (0.001, 4000), (0.001, 1 << 20)):
+        out = tmp_path / f"d{frac}-{batch}"
+        res = P.run_prepare([str(big.parent)], str(tok_dir), str(out), val_fraction=frac,
+                            workers=1, backend="tokenizers", batch_bytes=batch)  # fmt: skip
+        split = {s: np.load(out / f"{s}.npy").tolist() for s in ("train", "val")}
+        docs = []
+        for s in ("train", "val"):
+            cur: list[int] = []
+            for t in split[s]:
+                if t == eot:
+                    docs.append(cur)
+                    cur = []
+                else:
+                    cur.append(t)
+            assert cur == []  # every split ends at a document's end
+        assert want in docs, (frac, batch)
+        assert res.manifest["train"]["documents"] + res.manifest["val"]["documents"] == 2
+        assert res.manifest["val"]["documents"] >= 1
 
-    from azgpt.corpus import discover, iter_corpus
 
-    (doc,) = iter_corpus(discover([big]), Counter())  # the one document, as prepare reads it
-    assert len(doc) > 20_000
-    want = tok.encode(T.nfc(doc), add_special_tokens=False).ids
-    got = np.concatenate([np.load(tmp_path / "d" / f"{s}.npy") for s in ("train", "val")]).tolist()
-    eot = tok.token_to_id("<|endoftext|>")
-    docs, cur = [], []
-    for t in got:
-        if t == eot:
-            docs.append(cur)
-            cur = []
-        else:
-            cur.append(t)
-    assert (
-        want in docs and res.manifest["train"]["documents"] + res.manifest["val"]["documents"] == 2
-    )
+def test_clean_of_a_long_document_in_parts_equals_clean_of_the_whole(tmp_path, monkeypatch):
+    import azgpt.corpus as C
+    from azgpt.clean import run_clean
+
+    big = _long_document(tmp_path)
+    for kw in ({}, {"filter": False}):
+        whole = run_clean([str(big.parent)], str(tmp_path / "whole.txt"), **kw)
+        with monkeypatch.context() as m:
+            m.setattr(C, "PART_CHARS", 3000)
+            parts = run_clean([str(big.parent)], str(tmp_path / "parts.txt"), **kw)
+        text = (tmp_path / "whole.txt").read_text(encoding="utf-8")
+        assert (tmp_path / "parts.txt").read_text(encoding="utf-8") == text, kw
+        assert len(text) > 20_000 and text.count("\n\n") == 1
+        assert (parts.documents_in, parts.documents_out) == (whole.documents_in, 2)
+        assert parts.bytes_in == whole.bytes_in and parts.bytes_out == whole.bytes_out
+
+
+def test_eval_text_scores_a_long_document_in_parts_as_one(run, tmp_path, monkeypatch):
+    import azgpt.corpus as C
+    import azgpt.evaluate as E
+    from azgpt.checkpoint import load_model
+    from azgpt.tokenizer import load_tokenizer
+
+    big = _long_document(tmp_path)
+    model, _ = load_model(run / "last")
+    tok = load_tokenizer(run / "last")
+    files = [str(big.parent)]
+    whole = E.eval_texts(model, tok, files)
+    monkeypatch.setattr(C, "PART_CHARS", 3000)
+    parts = E.eval_texts(model, tok, files)
+    assert parts == whole  # one group: the parts extend one sequence, exactly the whole's
+    monkeypatch.setattr(E, "GROUP_TOKENS", 500)  # scored between parts: context restarts there
+    flushed = E.eval_texts(model, tok, files)
+    for k in ("tokens", "bytes", "documents"):
+        assert flushed[k] == whole[k], k
+    assert whole["documents"] == 2
+    assert abs(flushed["bpb"] - whole["bpb"]) < 0.05 * whole["bpb"]
 
 
 # ----------------------------------------------------------------------------- full disks (a real one)
@@ -405,6 +476,113 @@ def test_a_corrupt_gzip_is_one_sentence(tmp_path):
     line = _one_sentence(azgpt("clean", str(f), "--out", str(tmp_path / "o.txt")))
     assert "corrupt" in line or "cannot read" in line
     assert not (tmp_path / "o.txt").exists()
+
+
+def test_links_inside_a_folder_are_skipped_and_named_links_are_read(tmp_path):
+    """One rule for files and folders alike: a link found inside a folder is not followed (a
+    link planted in a shared folder cannot pull a private file into the corpus); a path named on
+    the command line is read, link or not."""
+    private = tmp_path / "private"
+    private.mkdir()
+    (private / "secret.txt").write_text("Gizli parol: Xəzər-1234 məxfidir.\n", encoding="utf-8")
+    shared = tmp_path / "shared"
+    (shared / "sub").mkdir(parents=True)
+    (shared / "sub" / "a.txt").write_text("Bakı Azərbaycanın paytaxtıdır.\n", encoding="utf-8")
+    (shared / "link.txt").symlink_to(private / "secret.txt")
+    (shared / "linkdir").symlink_to(private)
+    out = tmp_path / "o.txt"
+    r = azgpt("clean", str(shared), "--out", str(out), "--no-filter")
+    assert r.returncode == 0, r.stderr
+    text = out.read_text(encoding="utf-8")
+    assert "paytaxt" in text and "Gizli" not in text
+    warn = [x for x in r.stderr.splitlines() if x.startswith("azgpt: warning:")]
+    assert len(warn) == 1 and "skipped 2 symbolic link(s)" in warn[0], r.stderr
+    assert "link.txt" in warn[0] and "linkdir" in warn[0]
+    r = azgpt("clean", str(shared / "link.txt"), "--out", str(out), "--no-filter")
+    assert r.returncode == 0, r.stderr
+    assert "Gizli" in out.read_text(encoding="utf-8")
+    # A folder that holds nothing but links is a folder without corpus files.
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "l.txt").symlink_to(private / "secret.txt")
+    assert "holds no" in _one_sentence(azgpt("clean", str(only), "--out", str(out)))
+
+
+def test_a_panic_inside_the_tokenizers_library_is_one_sentence(data, tmp_path, monkeypatch, capsys):
+    """A Rust panic (PanicException is not an Exception) from a tokenizer that slipped past the
+    up-front checks is one sentence and exit code 2, not a traceback."""
+    from tokenizers import Regex, pre_tokenizers
+
+    import azgpt.tokenizer as T
+    from azgpt.cli import main
+
+    tok_dir, _ = data
+    real = T.load_tokenizer
+
+    def hostile(path):
+        tok = real(path)
+        # A backtracking regex that makes the regex engine give up, which panics in Rust.
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex("(a|a)+$"), "isolated")
+        return tok
+
+    monkeypatch.setattr(T, "load_tokenizer", hostile)
+    f = tmp_path / "a.txt"
+    f.write_text("a" * 40_000 + "b\n", encoding="utf-8")
+    rc = main(["tokenizer", "stats", "--tokenizer", str(tok_dir), str(f)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = [x for x in err.splitlines() if x.startswith("azgpt: error:")]
+    assert len(lines) == 1 and "tokenizers library stopped" in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_a_prepare_worker_killed_mid_run_is_one_sentence(data, tmp_path):
+    """A worker killed (the kernel's out-of-memory killer, a user) is one sentence naming the
+    cause and the fix; no token file is left behind."""
+    import signal
+    import time
+
+    tok_dir, _ = data
+    text = "\n".join(p.read_text(encoding="utf-8") for p in sorted(SAMPLE.glob("*.txt")))
+    big = tmp_path / "big.txt"
+    with open(big, "w", encoding="utf-8") as f:
+        for _ in range(60_000_000 // len(text.encode())):  # ~60 MB: far longer than the kill takes
+            f.write(text + "\n\n")
+    out = tmp_path / "d"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "azgpt", "prepare", str(big), "--tokenizer", str(tok_dir),
+         "--out", str(out), "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+    def workers() -> list[int]:
+        found = []
+        for d in Path("/proc").iterdir():
+            try:
+                if d.name.isdigit() and f"PPid:\t{p.pid}\n" in (d / "status").read_text():
+                    if b"spawn_main" in (d / "cmdline").read_bytes():
+                        found.append(int(d.name))
+            except OSError:
+                continue
+        return found
+
+    def started() -> bool:  # both workers up and token data written: the pool is at work
+        try:
+            tmp = list(out.glob(".train.npy.*.tmp")) if out.is_dir() else []
+            return len(workers()) == 2 and any(t.stat().st_size > 1 << 16 for t in tmp)
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 120
+    while not started() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victims = workers()
+    assert victims, "no worker process appeared"
+    os.kill(victims[0], signal.SIGKILL)
+    _, err = p.communicate(timeout=300)
+    r = subprocess.CompletedProcess(p.args, p.returncode, "", err)
+    assert "worker process died" in _one_sentence(r)
+    assert not (out / "train.npy").exists() and not list(out.glob(".*.tmp"))
 
 
 @pytest.mark.parametrize(
