@@ -213,18 +213,23 @@ def test_f32_logits_match_azgpt(exported, model, tok):
         assert rel.max() < 1e-3, rel.max()
 
 
-def test_f32_greedy_continuation_is_identical(exported, model, tok):
-    llm = _llama(exported["f32"])
-    ids = [tok.token_to_id(EOT)] + encode(tok, "Azərbaycanın paytaxtı")
+def _greedy_both(model, llm, ids: list[int], n: int) -> tuple[list[int], list[int]]:
+    """n greedy tokens after `ids` from azgpt and from llama.cpp."""
     with torch.no_grad():
-        ours = [int(t) for t in model.generate(torch.tensor([ids]), 64, temperature=0)]
+        ours = [int(t) for t in model.generate(torch.tensor([ids]), n, temperature=0)]
     llm.reset()
     llm.eval(ids)
     theirs = []
-    for _ in range(64):
+    for _ in range(n):
         nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         theirs.append(nxt)
         llm.eval([nxt])
+    return ours, theirs
+
+
+def test_f32_greedy_continuation_is_identical(exported, model, tok):
+    ids = [tok.token_to_id(EOT)] + encode(tok, "Azərbaycanın paytaxtı")
+    ours, theirs = _greedy_both(model, _llama(exported["f32"]), ids, 64)
     assert len(ours) == 64 and theirs == ours
 
 
@@ -549,15 +554,7 @@ def test_llama_f32_greedy_continuation_is_identical(llama_case, tok):
     model.eval()
     llm = _llama_f32_cache(llama_case["shaped_f32"])
     ids = [tok.token_to_id(EOT)] + encode(tok, "Azərbaycanın paytaxtı")
-    with torch.no_grad():
-        ours = [int(t) for t in model.generate(torch.tensor([ids]), 32, temperature=0)]
-    llm.reset()
-    llm.eval(ids)
-    theirs = []
-    for _ in range(32):
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        theirs.append(nxt)
-        llm.eval([nxt])
+    ours, theirs = _greedy_both(model, llm, ids, 32)
     assert len(ours) == 32 and theirs == ours
     assert len(set(ours)) >= 8  # a varied continuation, not one token repeated
 
