@@ -482,30 +482,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer", help="tokenizer folder (default: the one recorded in the checkpoint)"
     )
     sv.add_argument("--device", default="auto")
-    sv.add_argument(
-        "--max-batch",
-        type=_positive_int("--max-batch"),
-        default=8,
-        help="sequences decoded together in one forward pass (default 8)",
-    )
-    sv.add_argument(
-        "--max-queue",
-        type=_positive_int("--max-queue"),
-        default=64,
-        help="requests that may wait for a slot; more get 503 (default 64)",
-    )
-    sv.add_argument(
-        "--max-tokens",
-        type=_positive_int("--max-tokens"),
-        default=1024,
-        help="the most tokens one request may ask for (default 1024)",
-    )
-    sv.add_argument(
-        "--max-prompt-chars",
-        type=_positive_int("--max-prompt-chars"),
-        default=100_000,
-        help="the longest prompt (all messages together) in characters (default 100000)",
-    )
+    for flag, default, what in (
+        ("--max-batch", 8, "sequences decoded together in one forward pass"),
+        ("--max-queue", 64, "requests that may wait for a slot; more get 503"),
+        ("--max-tokens", 1024, "the most tokens one request may ask for"),
+        ("--max-prompt-chars", 100_000, "the longest prompt (all messages together) in characters"),
+    ):
+        sv.add_argument(
+            flag, type=_positive_int(flag), default=default, help=f"{what} (default {default})"
+        )
     sv.set_defaults(fn=cmd_serve)
     return p
 

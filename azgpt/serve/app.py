@@ -381,6 +381,32 @@ def _truncation(fin: Finished) -> dict:
     return {"prompt_truncated": fin.prompt_truncated} if fin.prompt_truncated else {}
 
 
+async def _ollama_reply(live, model: str, stream: bool, content, final_extra=lambda fin: {}):
+    """Ollama's answer to /api/generate and /api/chat: one JSON object, or NDJSON lines ending
+    with the final record. `content(text)` gives the route's text field (`response` or
+    `message`), `final_extra(fin)` what only its final record holds."""
+
+    def record(text: str, **rest) -> dict:
+        return {"model": model, "created_at": _now_iso(), **content(text), **rest}
+
+    if not stream:
+        text, fin = await live.collect()
+        return JSONResponse(
+            record(text, **_ollama_final(model, fin), **final_extra(fin)), headers=live.headers()
+        )
+
+    async def lines():
+        async for ev in live.events():
+            if isinstance(ev, Chunk):
+                yield _ndjson(record(ev.text, done=False))
+            elif ev.reason == "error":
+                yield _ndjson({"error": ev.error})
+            elif ev.reason != "cancelled":
+                yield _ndjson(record("", **_ollama_final(model, ev), **final_extra(ev)))
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson", headers=live.headers())
+
+
 def _ollama_final(model: str, fin: Finished) -> dict:
     return {
         "model": model,
@@ -709,44 +735,13 @@ def create_app(
         else:
             ids = engine.prompt_ids(b.prompt)
         live = _Live(engine, request, ids, params)
-        if not b.stream:
-            text, fin = await live.collect()
-            return JSONResponse(
-                {
-                    "model": model,
-                    "created_at": _now_iso(),
-                    "response": text,
-                    **_ollama_final(model, fin),
-                    "context": fin.context,
-                },
-                headers=live.headers(),
-            )
-
-        async def lines():
-            async for ev in live.events():
-                if isinstance(ev, Chunk):
-                    yield _ndjson(
-                        {
-                            "model": model,
-                            "created_at": _now_iso(),
-                            "response": ev.text,
-                            "done": False,
-                        }
-                    )
-                elif ev.reason == "error":
-                    yield _ndjson({"error": ev.error})
-                elif ev.reason != "cancelled":
-                    yield _ndjson(
-                        {
-                            "model": model,
-                            "created_at": _now_iso(),
-                            "response": "",
-                            **_ollama_final(model, ev),
-                            "context": ev.context,
-                        }
-                    )
-
-        return StreamingResponse(lines(), media_type="application/x-ndjson", headers=live.headers())
+        return await _ollama_reply(
+            live,
+            model,
+            b.stream,
+            lambda text: {"response": text},
+            lambda fin: {"context": fin.context},
+        )
 
     @api.post("/api/chat")
     async def ollama_chat(request: Request):
@@ -764,42 +759,9 @@ def create_app(
         model = b.model or name
         ids = engine.chat_ids(messages(b.messages, "messages"))
         live = _Live(engine, request, ids, params)
-        if not b.stream:
-            text, fin = await live.collect()
-            return JSONResponse(
-                {
-                    "model": model,
-                    "created_at": _now_iso(),
-                    "message": {"role": "assistant", "content": text},
-                    **_ollama_final(model, fin),
-                },
-                headers=live.headers(),
-            )
-
-        async def lines():
-            async for ev in live.events():
-                if isinstance(ev, Chunk):
-                    yield _ndjson(
-                        {
-                            "model": model,
-                            "created_at": _now_iso(),
-                            "message": {"role": "assistant", "content": ev.text},
-                            "done": False,
-                        }
-                    )
-                elif ev.reason == "error":
-                    yield _ndjson({"error": ev.error})
-                elif ev.reason != "cancelled":
-                    yield _ndjson(
-                        {
-                            "model": model,
-                            "created_at": _now_iso(),
-                            "message": {"role": "assistant", "content": ""},
-                            **_ollama_final(model, ev),
-                        }
-                    )
-
-        return StreamingResponse(lines(), media_type="application/x-ndjson", headers=live.headers())
+        return await _ollama_reply(
+            live, model, b.stream, lambda text: {"message": {"role": "assistant", "content": text}}
+        )
 
     # ------------------------------------------------------------------ OpenAI
 
