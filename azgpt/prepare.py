@@ -257,10 +257,13 @@ def run_prepare(
         stats: Counter = Counter()
         workers = workers or (os.cpu_count() or 1)
         if backend == "auto":
-            sample = []
+            # The first documents, at most 200 and about GROUP_CHARS characters (the check reads
+            # no more): parts of one huge document would otherwise pile up here.
+            sample, size = [], 0
             for d in iter_corpus(files[:1], Counter(), text_field):
                 sample.append(d)
-                if len(sample) >= 200:
+                size += len(d)
+                if len(sample) >= 200 or size >= GROUP_CHARS:
                     break
             backend = choose_backend(tok, tok_path, sample)
 
