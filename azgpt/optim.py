@@ -83,9 +83,51 @@ class MuonAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.muon.step()
+        groups = self.muon.param_groups
+        if all(g.get("adjust_lr_fn") in (None, "original") for g in groups) and any(
+            p.device.type == "cpu" for g in groups for p in g["params"]
+        ):
+            self._muon_step_fp32()
+        else:
+            self.muon.step()
         self.adamw.step()
         return loss
+
+    def _muon_step_fp32(self) -> None:
+        """torch.optim.Muon's update with its Newton-Schulz iteration in float32 instead of
+        bfloat16: a CPU without bf16 matrix units runs the bf16 products ~11x slower (a
+        1024 x 256 matrix: 0.22 s against 0.02 s on a 2-core x86-64 VM), which made Muon cost
+        ~8x the step time of AdamW there. The same state (`momentum_buffer`) and hyperparameters,
+        so a checkpoint resumes on either path."""
+        for group in self.muon.param_groups:
+            lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+            a, b, c = group["ns_coefficients"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(
+                        grad, memory_format=torch.preserve_format
+                    )
+                buf = state["momentum_buffer"]
+                buf.lerp_(grad, 1 - mom)
+                update = grad.lerp(buf, mom) if group["nesterov"] else buf
+                x = update.float()
+                tall = x.size(0) > x.size(1)
+                if tall:
+                    x = x.T
+                x = x / x.norm().clamp(min=group["eps"])
+                for _ in range(group["ns_steps"]):
+                    gram = x @ x.T
+                    x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+                if tall:
+                    x = x.T
+                rows, cols = p.shape[:2]
+                scale = math.sqrt(max(1, rows / cols))  # adjust_lr_fn "original", as configured
+                p.mul_(1 - lr * wd)
+                p.add_(x.to(p.dtype), alpha=-lr * scale)
 
 
 def make_optimizer(

@@ -165,6 +165,40 @@ def test_muon_orthogonalises_matrices_and_leaves_vectors_to_adamw():
         torch.testing.assert_close(step, lr * params[n].grad.sign(), atol=1e-6, rtol=1e-3)
 
 
+def test_muon_on_cpu_is_torchs_update_with_newton_schulz_in_float32():
+    """On CPU the Muon matrices are orthogonalised in float32 (torch's bf16 products are ~11x
+    slower there); the update is torch.optim.Muon's up to bf16 rounding, with the same state."""
+    import copy
+
+    def opt_for(m):
+        return make_optimizer(m, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95),
+                              device_type="cpu", optimizer="muon", muon_lr=0.02)  # fmt: skip
+
+    ours_m = llama(n_layer=1)
+    torch_m = copy.deepcopy(ours_m)
+    ours, theirs = opt_for(ours_m), opt_for(torch_m)
+    names = muon_matrices(ours_m)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        before = {n: p.detach().clone() for n, p in ours_m.named_parameters()}
+        for a, b in zip(ours_m.parameters(), torch_m.parameters()):
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        ours.step()
+        theirs.muon.step()  # torch's own Muon (bf16 Newton-Schulz)
+        theirs.adamw.step()
+        pa, pb = dict(ours_m.named_parameters()), dict(torch_m.named_parameters())
+        for n in names:
+            da, db = before[n] - pa[n].detach(), before[n] - pb[n].detach()
+            assert (da - db).norm() / db.norm() < 0.03, n  # bf16 rounding, not another update
+            torch.testing.assert_close(
+                ours.state[pa[n]]["momentum_buffer"], theirs.state[pb[n]]["momentum_buffer"],
+                rtol=1e-5, atol=1e-6,
+            )  # fmt: skip
+        for a, b in zip(ours_m.parameters(), torch_m.parameters()):
+            a.data.copy_(b.data)  # the next step starts both from the same weights
+
+
 def test_muon_missing_from_torch_is_one_sentence(monkeypatch):
     from azgpt.errors import UserError
 
