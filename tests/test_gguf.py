@@ -246,12 +246,17 @@ def _bits_per_byte(llm, tok, docs) -> float:
     return nats / (math.log(2) * nbytes)
 
 
-def test_quantized_files_stay_close_to_f32(exported, tok):
-    need_llama_cpp()
+def _bpb_and_sizes(files: dict, tok) -> tuple[dict, dict]:
+    """llama.cpp's bits per byte on six sample documents, and the size, of each GGUF file."""
     text = (SAMPLE / "dialogue.txt").read_text(encoding="utf-8")
     docs = [d for d in text.split("\n\n") if d.strip()][:6]
-    bpb = {q: _bits_per_byte(_llama(p), tok, docs) for q, p in exported.items()}
-    size = {q: p.stat().st_size for q, p in exported.items()}
+    bpb = {q: _bits_per_byte(_llama(p), tok, docs) for q, p in files.items()}
+    return bpb, {q: p.stat().st_size for q, p in files.items()}
+
+
+def test_quantized_files_stay_close_to_f32(exported, tok):
+    need_llama_cpp()
+    bpb, size = _bpb_and_sizes(exported, tok)
     # A barely trained 2.7M-parameter model (24 steps, bpb 3.28) has flat logits, so every
     # type lands close: measured relative changes f16 6e-7, q8_0 3e-6, q4_0 2e-5, q4_k_m 7e-5.
     # A wrong layout or scale moves bpb by far more. bench/gguf.py measures a trained model.
@@ -568,10 +573,7 @@ def test_llama_quantized_files_stay_close_to_f32(llama_case, tok):
     rel = {q: _rel_err(_llama_logits(_llama(files[q]), ids), ours) for q in ("f16", "q8_0")}
     # measured: f16 <= 8e-4, q8_0 <= 2.1e-2 of the largest logit (a wrong layout: ~1)
     assert rel["f16"] < 5e-3 and rel["q8_0"] < 0.1, rel
-    text = (SAMPLE / "dialogue.txt").read_text(encoding="utf-8")
-    docs = [d for d in text.split("\n\n") if d.strip()][:6]
-    bpb = {q: _bits_per_byte(_llama(p), tok, docs) for q, p in files.items()}
-    size = {q: p.stat().st_size for q, p in files.items()}
+    bpb, size = _bpb_and_sizes(files, tok)
     assert bpb["f16"] == pytest.approx(bpb["f32"], rel=1e-4)
     assert bpb["q8_0"] == pytest.approx(bpb["f32"], rel=1e-3)
     assert bpb["q4_0"] == pytest.approx(bpb["f32"], rel=1e-2)
