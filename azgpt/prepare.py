@@ -291,12 +291,9 @@ def run_prepare(
                 more: list[bool] = []
                 size = 0
                 for d in iter_corpus(files, stats, text_field):
-                    m = continues(d)
-                    if not d.strip():
-                        if not m and more and more[-1]:
-                            more[-1] = False  # an empty last part: the one before ends it
-                            idx += 1
+                    if not d.strip():  # never a part: every part holds a non-blank line
                         continue
+                    m = continues(d)
                     idxs.append(idx)
                     batch.append(str(d))
                     more.append(m)
