@@ -182,5 +182,7 @@ def end_of_turn_id(tok) -> int:
     """The token that ends an assistant turn; generation stops on it."""
     i = tok.token_to_id(END_OF_TURN)
     if i is None:
-        raise UserError(f"the tokenizer has no {END_OF_TURN} token; retrain it with `azgpt tokenizer train`.")
+        raise UserError(
+            f"the tokenizer has no {END_OF_TURN} token; retrain it with `azgpt tokenizer train`."
+        )
     return i

@@ -77,7 +77,9 @@ def test_format_is_the_documented_one(tok):
         {"role": "assistant", "content": "A"},
         {"role": "user", "content": "U2"},
     ]
-    want = "<|endoftext|><|system|>S\n<|user|>U\n<|assistant|>A<|endoftext|><|user|>U2\n<|assistant|>"
+    want = (
+        "<|endoftext|><|system|>S\n<|user|>U\n<|assistant|>A<|endoftext|><|user|>U2\n<|assistant|>"
+    )
     assert render_text(msgs) == want
     assert decode(tok, encode_chat(tok, msgs)) == want
     assert render_text(msgs, add_generation_prompt=False) == want[: -len("<|assistant|>")]
@@ -160,8 +162,9 @@ def test_bad_messages_are_one_sentence(tok):
 
 
 def test_tokenizer_without_role_tokens_is_refused_in_one_sentence(tmp_path):
-    from azgpt.tokenizer import build_tokenizer
     from tokenizers import trainers
+
+    from azgpt.tokenizer import build_tokenizer
 
     t = build_tokenizer()
     t.train_from_iterator(
