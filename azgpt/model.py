@@ -90,6 +90,21 @@ class KVCache:
         self.lengths += n
 
 
+def packed_positions(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows of packed sequences (segment ids (B, T), a new id where a sequence starts):
+    each token's position within its own sequence (B, T), and the boolean attention mask
+    (B, 1, T, T) that is causal and block-diagonal, so no sequence sees another. Each packed
+    sequence then computes exactly what it computes alone (tests/test_finetune.py)."""
+    B, T = segments.shape
+    ar = torch.arange(T, device=segments.device).expand(B, T)
+    start = torch.ones_like(segments, dtype=torch.bool)
+    start[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(start, ar, torch.zeros_like(ar)).cummax(dim=1).values
+    same = segments[:, :, None] == segments[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return ar - first, (same & causal)[:, None]
+
+
 RMS_EPS = 1e-5  # llama's RMSNorm epsilon (exported as rms_norm_eps)
 
 
@@ -134,7 +149,9 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rope=None):
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rope=None, mask=None
+    ):
         B, T, C = x.shape
         hs = C // self.n_head
         gqa = {}
@@ -155,7 +172,13 @@ class CausalSelfAttention(nn.Module):
             v = v.view(B, T, self.n_head, hs).transpose(1, 2)
         if cache is None:
             y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True, **gqa
+                q,
+                k,
+                v,
+                attn_mask=mask,  # packed rows: block-diagonal and causal (see GPT.forward)
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=mask is None,
+                **gqa,
             )
         else:
             # Generation: attend to this row's cached positions and the new ones.
@@ -200,8 +223,8 @@ class Block(nn.Module):
         self.ln_2 = norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0, rope=None):
-        x = x + self.attn(self.ln_1(x), cache, layer, rope)
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0, rope=None, mask=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, rope, mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -262,21 +285,27 @@ class GPT(nn.Module):
         *,
         cache: KVCache | None = None,
         last_only: bool = False,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One contract. With `targets` (B, T): the mean cross-entropy (ignore_index -1) and
         nothing else, so no (B, T, vocab) tensor leaves the training forward (Accelerate's
         mixed-precision wrapper upcasts every output to fp32: at 32 x 1024 x 32000 that was a
         4.2 GB copy per micro-step). Without targets: the logits (B, T, V), or (B, 1, V) with
         `last_only`. With a `cache`, idx holds each row's next tokens; positions continue from
-        `cache.lengths` and the cache advances by T.
+        `cache.lengths` and the cache advances by T. With `segments` (B, T) integers, a row
+        holds several sequences packed end to end (fine-tuning): positions restart at each
+        change of segment id and a token attends only to earlier tokens of its own segment.
         """
         B, T = idx.shape
+        mask = None
         if cache is None:
             if T > self.config.block_size:
                 raise ValueError(
                     f"sequence of {T} tokens is longer than the model's context {self.config.block_size}"
                 )
             pos = torch.arange(T, dtype=torch.long, device=idx.device)[None]  # (1, T)
+            if segments is not None:
+                pos, mask = packed_positions(segments)
         else:
             pos = cache.lengths[:, None] + torch.arange(T, device=idx.device)  # (B, T)
             if int(pos.max()) >= self.config.block_size:
@@ -294,7 +323,7 @@ class GPT(nn.Module):
                 self.transformer.wte(idx) + self.transformer.wpe(pos)
             )  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i, rope)
+            x = block(x, cache, i, rope, mask)
         if cache is not None:
             cache.advance(T)
         x = self.transformer.ln_f(x)
