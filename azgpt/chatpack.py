@@ -1,0 +1,109 @@
+"""Conversations packed into training rows, and the batch source the training loop draws from.
+
+A conversation of L ids (L <= block_size + 1) becomes L - 1 (input, target) pairs: inputs
+ids[:-1], targets ids[1:] where the loss mask is 1, else -1 (ignored). Conversations are packed
+best-fit decreasing into rows of block_size pairs; what is left of a row is padding (input
+<|endoftext|>, target -1). Every pair carries its conversation's segment id, and the model's
+forward (`segments=`) restarts positions at each conversation and attends only within it, so a
+packed conversation computes exactly what it computes alone (tests/test_finetune.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .chatdata import Conversation
+
+
+def pack(convs: list[Conversation], block_size: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Rows of packed conversations: {"x", "y", "seg"} arrays (rows, block_size) int64.
+    Segment ids are unique per conversation within a row; padding gets its own id."""
+    order = sorted(range(len(convs)), key=lambda i: (-len(convs[i].ids), i))
+    rows: list[list[int]] = []  # conversation indices per row
+    free: list[int] = []
+    for i in order:
+        n = len(convs[i].ids) - 1
+        if n > block_size:
+            raise ValueError(f"conversation {convs[i].where} has {n + 1} ids, more than a row")
+        best = -1
+        for r, f in enumerate(free):  # best fit: the fullest row that still has room
+            if f >= n and (best < 0 or f < free[best]):
+                best = r
+        if best < 0:
+            rows.append([])
+            free.append(block_size)
+            best = len(rows) - 1
+        rows[best].append(i)
+        free[best] -= n
+    x = np.full((len(rows), block_size), pad_id, dtype=np.int64)
+    y = np.full((len(rows), block_size), -1, dtype=np.int64)
+    seg = np.zeros((len(rows), block_size), dtype=np.int64)
+    for r, members in enumerate(rows):
+        at = 0
+        for s, i in enumerate(members):
+            ids = np.asarray(convs[i].ids, dtype=np.int64)
+            mask = np.asarray(convs[i].mask[1:], dtype=bool)
+            n = len(ids) - 1
+            x[r, at : at + n] = ids[:-1]
+            y[r, at : at + n] = np.where(mask, ids[1:], -1)
+            seg[r, at : at + n] = s
+            at += n
+        seg[r, at:] = len(members)  # padding: its own segment
+    return {"x": x, "y": y, "seg": seg}
+
+
+class ChatBatches:
+    """The loop's batch source for fine-tuning: packed train and val rows of conversations.
+
+    `get_batch` is a pure function of (seed, step, micro): an epoch is one pass over the train
+    rows in an order drawn from (seed, epoch), so a resumed run draws exactly the rows it would
+    have drawn. Evaluation always covers every held-out row."""
+
+    def __init__(
+        self,
+        train: list[Conversation],
+        val: list[Conversation],
+        block_size: int,
+        pad_id: int,
+        manifest: dict,
+    ):
+        self.block_size = block_size
+        self.manifest = manifest
+        self.rows = {"train": pack(train, block_size, pad_id)}
+        self.rows["val"] = pack(val, block_size, pad_id) if val else None
+        self.n_train = len(self.rows["train"]["x"])
+
+    def _take(self, split: str, idx: np.ndarray, device):
+        import torch
+
+        r = self.rows[split]
+        x, y, seg = (torch.from_numpy(r[k][idx]) for k in ("x", "y", "seg"))
+        if device is not None:
+            x, y, seg = x.to(device), y.to(device), seg.to(device)
+        return x, y, {"segments": seg}
+
+    def train_rows(self, seed: int, step: int, micro: int, global_batch: int) -> np.ndarray:
+        first = (step * self.accum + micro) * global_batch
+        out = []
+        for k in range(first, first + global_batch):
+            epoch, j = divmod(k, self.n_train)
+            perm = np.random.default_rng([seed, 0xC4A7, epoch]).permutation(self.n_train)
+            out.append(perm[j])
+        return np.asarray(out)
+
+    accum = 1  # micro-steps per optimizer step (set by the caller from train.grad_accum)
+
+    def get_batch(self, seed, step, micro, batch_size, rank=0, world=1, device=None):
+        rows = self.train_rows(seed, step, micro, batch_size * world)
+        return self._take("train", rows[rank * batch_size : (rank + 1) * batch_size], device)
+
+    def eval_batches(self, seed, n_batches, batch_size, rank=0, world=1, device=None):
+        if self.rows["val"] is None:
+            return
+        n = len(self.rows["val"]["x"])
+        chunks = [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+        for b in range(rank, len(chunks), world):
+            yield self._take("val", chunks[b], device)
+
+    def steps_per_epoch(self, batch_size: int, grad_accum: int, world: int) -> float:
+        return self.n_train / (batch_size * grad_accum * world)
