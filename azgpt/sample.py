@@ -1,34 +1,42 @@
-"""`azgpt sample`: stream text from a checkpoint (safetensors + JSON only)."""
+"""`azgpt sample`: stream text from a checkpoint (safetensors + JSON only), through the one
+generation path (`azgpt.generate`) that `azgpt serve` uses: the same prompt, settings and seed
+give the same tokens in both."""
 
 from __future__ import annotations
 
-import math
 import sys
-
-import torch
 
 from .checkpoint import checkpoint_tokenizer, load_model, pick_device
 from .errors import UserError
-from .tokenizer import EOT
+from .generate import DEFAULTS, Chunk, SamplingError, SamplingParams, generate_events, pick_dtype
+from .generate import prompt_ids as _prompt_ids
 
-# The sampling settings used wherever the user sets none: `azgpt sample`, the sample printed at
-# each evaluation, and the server's defaults.
-SAMPLING = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "max_new_tokens": 100}
+# The defaults of `azgpt.generate.SamplingParams`, by the names the Modelfile, the transformers
+# export and the training samples use.
+SAMPLING = {
+    "temperature": DEFAULTS.temperature,
+    "top_k": DEFAULTS.top_k,
+    "top_p": DEFAULTS.top_p,
+    "max_new_tokens": DEFAULTS.max_tokens,
+}
+
+_OPTION = {"top_k": "top-k", "top_p": "top-p", "max_tokens": "max-new-tokens"}
+
+
+def sampling_params(prefix: str = "--", **kw) -> SamplingParams:
+    """SamplingParams from command-line values; a bad one is one sentence naming the option."""
+    try:
+        return SamplingParams(**kw)
+    except SamplingError as e:
+        name = _OPTION.get(e.field, e.field) if prefix == "--" else e.field
+        msg = str(e).removeprefix(e.field + " ")
+        raise UserError(f"{prefix}{name} {msg}.") from None
 
 
 def check_sampling(*, temperature=None, top_k=None, top_p=None, seed=None, prefix="--") -> None:
     """Refuse sampling settings that have no meaning, naming the option (`prefix` + name)."""
-    name = {"top_k": "top-k", "top_p": "top-p"} if prefix == "--" else {}
-    if temperature is not None and not (math.isfinite(temperature) and 0 <= temperature <= 100):
-        raise UserError(f"{prefix}temperature must be a number in [0, 100], got {temperature}.")
-    if top_k is not None and top_k < 0:
-        raise UserError(
-            f"{prefix}{name.get('top_k', 'top_k')} must be >= 0 (0 turns it off), got {top_k}."
-        )
-    if top_p is not None and not (math.isfinite(top_p) and 0 < top_p <= 1):
-        raise UserError(f"{prefix}{name.get('top_p', 'top_p')} must be in (0, 1], got {top_p}.")
-    if seed is not None and not 0 <= seed < 2**63:
-        raise UserError(f"{prefix}seed must be in [0, 2**63), got {seed}.")
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    sampling_params(prefix, **{k: v for k, v in kw.items() if v is not None})
 
 
 def run_sample(
@@ -43,9 +51,15 @@ def run_sample(
     num_samples=1,
     tokenizer=None,
     device="auto",
+    ctx=None,
+    dtype="auto",
     out=None,
 ) -> list[str]:
-    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    params = sampling_params(
+        max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+    )
+    if not 0 <= seed + num_samples - 1 < 2**63:
+        raise UserError(f"--seed plus --num-samples must stay below 2**63, got {seed}.")
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError:
@@ -53,33 +67,24 @@ def run_sample(
     out = out or sys.stdout
     dev = pick_device(device)
     model, meta = load_model(ckpt, dev)
-    model.eval()
+    model.to(pick_dtype(dtype, dev)).eval()
     tok, _, _ = checkpoint_tokenizer(ckpt, meta, tokenizer)
-    eot = tok.token_to_id(EOT)
-    ids = tok.encode(prompt, add_special_tokens=False).ids if prompt else []
-    ids = ([eot] + ids)[-model.config.block_size :]
+    ids = _prompt_ids(tok, prompt)
     texts = []
     for i in range(num_samples):
-        g = torch.Generator(device=dev).manual_seed((seed + i) % 2**63)
-        x = torch.tensor([ids], device=dev)
-        new: list[int] = []
-        shown = ""
+        p = SamplingParams(**{**params.__dict__, "seed": seed + i})
         if num_samples > 1:
             out.write(f"--- sample {i + 1} ---\n")
         out.write(prompt)
-        for t in model.generate(x, max_new_tokens, temperature, top_k, top_p, eot, g):
-            t = int(t)
-            if t == eot:
-                break
-            new.append(t)
-            text = tok.decode(new)
-            # Stream only complete characters (a token can end inside a UTF-8 sequence).
-            if not text.endswith("\ufffd"):
-                out.write(text[len(shown) :])
+        parts = []
+        for ev in generate_events(model, tok, ids, p, ctx=ctx):
+            if isinstance(ev, Chunk):
+                parts.append(ev.text)
+                out.write(ev.text)
                 out.flush()
-                shown = text
-        final = tok.decode(new)
-        out.write(final[len(shown) :] + "\n")
+            elif ev.reason == "error":
+                raise UserError(f"generation failed: {ev.error}.")
+        out.write("\n")
         out.flush()
-        texts.append(prompt + final)
+        texts.append(prompt + "".join(parts))
     return texts

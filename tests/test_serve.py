@@ -595,41 +595,6 @@ def test_full_queue_answers_503_and_a_disconnect_frees_the_slot(small_server):
     wait_for(lambda: health(small_server)["active"] == 0, "the slots to empty")
 
 
-def test_row_sampling_follows_each_rows_settings_whatever_the_batch():
-    from azgpt.serve.engine import sample_rows
-
-    torch.manual_seed(0)
-    logits = torch.randn(6, 300) * 3
-    params = [
-        SamplingParams(temperature=0),
-        SamplingParams(temperature=1.0, top_k=3, top_p=None),
-        SamplingParams(temperature=0.7, top_k=0, top_p=1e-6),  # only the most likely survives
-        SamplingParams(temperature=1.5, top_k=40, top_p=0.5),
-        SamplingParams(temperature=1.0, top_k=None, top_p=None),
-        SamplingParams(temperature=1.0, top_k=3, top_p=None),
-    ]
-    top3 = logits.topk(3).indices
-
-    def gens(seed):
-        return [torch.Generator().manual_seed(seed + i) for i in range(6)]
-
-    seen = [set() for _ in params]
-    for seed in range(0, 600, 6):
-        batch = sample_rows(logits, params, gens(seed))
-        alone = [
-            sample_rows(logits[i : i + 1], [p], [g])[0]
-            for i, (p, g) in enumerate(zip(params, gens(seed)))
-        ]
-        assert batch == alone  # a row's token does not depend on the other rows
-        for i, t in enumerate(batch):
-            seen[i].add(t)
-    argmax = logits.argmax(-1).tolist()
-    assert seen[0] == {argmax[0]} and seen[2] == {argmax[2]}
-    assert seen[1] <= set(top3[1].tolist()) and len(seen[1]) > 1
-    assert seen[5] <= set(top3[5].tolist())
-    assert len(seen[4]) > len(seen[1])  # no filter: more than the top 3
-
-
 def test_cli_bad_input_is_one_sentence_and_exit_2(ckpt, tmp_path):
     from trainkit import azgpt
 
