@@ -160,7 +160,9 @@ class TrainConfig:
     weight_decay: float = 0.1
     """AdamW weight decay, applied to matrices only."""
     beta1: float = 0.9
+    """AdamW's first-moment decay (momentum)."""
     beta2: float = 0.95
+    """AdamW's second-moment decay (0.95, as GPT-3 and nanoGPT: steadier than 0.999 at high lr)."""
     optimizer: str = "adamw"
     """'adamw' for every parameter, or 'muon': torch.optim.Muon (orthogonalised momentum) for
     the 2-D matrices inside the blocks, AdamW for embeddings, head, norms and biases."""
@@ -200,6 +202,10 @@ class TrainConfig:
     """Also log to TensorBoard through Accelerate's trackers."""
     device: str = "auto"
     """'auto', 'cpu' or 'cuda'."""
+    init_from: str = ""
+    """A checkpoint folder (e.g. runs/base/best) whose weights a new run starts from, with a
+    fresh optimizer and schedule at step 0 (fine-tuning); its tokenizer must be the data's.
+    Empty: random initialisation. Ignored on --resume, which continues the run's own state."""
 
     def validate(self) -> None:
         for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "log_interval"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -149,9 +150,79 @@ class TokenData:
     def eval_batches(
         self, seed: int, n_batches: int, batch_size: int, rank=0, world=1, device=None
     ):
-        """A fixed set of validation windows (same every evaluation), sharded over processes."""
+        """A fixed set of validation windows (the same every evaluation): `n_batches` global
+        batches of `batch_size * world` windows, each split over the processes like a training
+        batch. Every process runs `n_batches` forwards (under FSDP each one is a collective, so
+        an uneven share would hang), and the set depends on the global batch only: 1 process x 8
+        and 2 x 4 score the same windows."""
         rng = np.random.default_rng([seed, 0xE7A1])
         hi = len(self.splits["val"]) - self.block_size - 1
-        starts = rng.integers(0, hi + 1, size=n_batches * batch_size)
-        for b in range(rank, n_batches, world):
-            yield self._windows("val", starts[b * batch_size : (b + 1) * batch_size], device)
+        g = batch_size * world
+        starts = rng.integers(0, hi + 1, size=n_batches * g)
+        for b in range(n_batches):
+            lo = b * g + rank * batch_size
+            yield self._windows("val", starts[lo : lo + batch_size], device)
+
+
+# ----------------------------------------------------------------------------- batch sources
+
+
+class Batch(NamedTuple):
+    """One micro-batch: inputs and targets (B, T) int64 on the device, and extra keyword
+    arguments for the model's forward (empty for plain token windows)."""
+
+    x: object
+    y: object
+    kwargs: dict = {}
+
+
+class BatchSource(Protocol):
+    """Where the training loop (azgpt/train.py) reads its batches from.
+
+    `train_batch(step, micro, batch_size, rank, world, device)` returns this process's
+    `batch_size` rows of micro-batch `micro` of optimizer step `step`: a `Batch`, or a plain
+    `(x, y)` tuple. x and y are (B, T) int64 tensors on `device`; a target of -1 is ignored by the
+    loss (padding, prompt tokens), and `Batch.kwargs` go to `model(x, y, **kwargs)` as they are.
+    It must be a pure function of its arguments (and the source's own seed): a resumed run
+    redraws exactly the batches it would have drawn.
+
+    `val_batches(n_batches, batch_size, rank, world, device)` yields the fixed validation set,
+    the same at every evaluation, and exactly `n_batches` batches on every process (under FSDP
+    each forward is a collective): where a process runs out of real rows, it pads with rows
+    whose targets are all -1, which the evaluation leaves out of every sum.
+
+    `tokenizer_sha256` is the sha256 of the tokenizer.json the ids come from (checked against
+    `data.tokenizer`, a resumed checkpoint and `train.init_from`), and `dir` names the data in
+    each checkpoint's meta.json. `TokenBatches` (token files from `azgpt prepare`) is the
+    default; pass another source as `train(cfg, batches=...)`."""
+
+    dir: Path
+    tokenizer_sha256: str
+
+    def train_batch(
+        self, step: int, micro: int, batch_size: int, rank: int, world: int, device
+    ): ...
+
+    def val_batches(self, n_batches: int, batch_size: int, rank: int, world: int, device): ...
+
+
+class TokenBatches:
+    """The default `BatchSource`: random windows of the token files (`TokenData`), drawn from
+    (seed, step, micro), and the fixed validation windows of `TokenData.eval_batches`."""
+
+    def __init__(self, data: TokenData, seed: int):
+        self.data, self.seed = data, seed
+        self.dir = data.dir
+        self.tokenizer_sha256 = data.manifest["tokenizer"]["sha256"]
+
+    def train_batch(self, step, micro, batch_size, rank=0, world=1, device=None) -> Batch:
+        return Batch(*self.data.get_batch(self.seed, step, micro, batch_size, rank, world, device))
+
+    def val_batches(self, n_batches, batch_size, rank=0, world=1, device=None):
+        for x, y in self.data.eval_batches(self.seed, n_batches, batch_size, rank, world, device):
+            yield Batch(x, y)
+
+
+def as_batch(b) -> Batch:
+    """A source's batch as a `Batch` (sources may return plain (x, y) tuples)."""
+    return b if isinstance(b, Batch) else Batch(*b)

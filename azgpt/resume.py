@@ -5,9 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import latest_checkpoint, read_json, restore_optimizer_state, step_dirs
+from .checkpoint import (
+    latest_checkpoint,
+    read_json,
+    restore_optimizer_state,
+    step_dirs,
+)
 from .config import ModelConfig, RunConfig
-from .data import TokenData
+from .data import BatchSource
 from .errors import UserError
 
 
@@ -45,10 +50,8 @@ def data_order(cfg: RunConfig, world: int) -> dict:
     }
 
 
-def check_resume(ckpt: Path, cfg: RunConfig, data: TokenData, world: int) -> None:
-    """Refuse a resume that would not continue the same run: another model shape, other data,
-    or another data order."""
-    fix = "the checkpoint is incomplete; use another one."
+def check_shape(ckpt: Path, cfg: RunConfig, fix: str) -> None:
+    """Refuse a checkpoint whose model config.json differs from the run's model section."""
     saved = read_json(ckpt / "config.json", fix)
     want = cfg.model.to_dict()
     # A key the checkpoint lacks (written before the field existed) holds its default.
@@ -59,11 +62,18 @@ def check_resume(ckpt: Path, cfg: RunConfig, data: TokenData, world: int) -> Non
         raise UserError(
             f"checkpoint {ckpt} is from a model of another shape ({desc}); use the config it was trained with."
         )
+
+
+def check_resume(ckpt: Path, cfg: RunConfig, source: BatchSource, world: int) -> None:
+    """Refuse a resume that would not continue the same run: another model shape, other data,
+    or another data order."""
+    fix = "the checkpoint is incomplete; use another one."
+    check_shape(ckpt, cfg, fix)
     meta = read_json(ckpt / "meta.json", fix)
     was = meta.get("tokenizer_sha256")
-    if was and was != data.manifest["tokenizer"]["sha256"]:
+    if was and was != source.tokenizer_sha256:
         raise UserError(
-            f"{ckpt} was trained on data from another tokenizer than {data.dir} (sha256 differs); "
+            f"{ckpt} was trained on data from another tokenizer than {source.dir} (sha256 differs); "
             "resume with the data and tokenizer it was trained with."
         )
     loader = meta.get("loader") or {}
@@ -104,3 +114,21 @@ def restore_optimizer(model, optimizer, ckpt, tensors, saved, cfg, accelerator) 
             accelerator.print(
                 f"resume: AdamW betas {was[0]} -> {g['betas']}, weight decay {was[1]} -> {g['weight_decay']}"
             )
+
+
+def check_init_from(ckpt: Path, cfg: RunConfig, source: BatchSource) -> None:
+    """`train.init_from`: a complete checkpoint of the run's model shape whose tokenizer is the
+    one the batches were encoded with (ids from another tokenizer would train on noise)."""
+    if not all((ckpt / n).is_file() for n in ("model.safetensors", "config.json", "meta.json")):
+        raise UserError(
+            f"train.init_from={ckpt} is not a complete checkpoint folder (model.safetensors, "
+            "config.json, meta.json); point it at one such as runs/NAME/best."
+        )
+    fix = "the checkpoint is incomplete; use another one."
+    check_shape(ckpt, cfg, fix)
+    was = read_json(ckpt / "meta.json", fix).get("tokenizer_sha256")
+    if was != source.tokenizer_sha256:
+        raise UserError(
+            f"train.init_from={ckpt} was trained with another tokenizer than the data in "
+            f"{source.dir} (sha256 differs); prepare the data with the checkpoint's tokenizer."
+        )

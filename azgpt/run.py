@@ -12,12 +12,12 @@ import torch
 
 from .checkpoint import clean_stale_temps, load_weights, read_trainer_state
 from .config import RunConfig
-from .data import TokenData
+from .data import BatchSource, TokenBatches, TokenData
 from .errors import UserError
 from .hardware import choose_mixed_precision, compile_mode
 from .model import GPT
 from .optim import lr_at, make_optimizer
-from .resume import check_resume, find_checkpoint, restore_optimizer
+from .resume import check_init_from, check_resume, find_checkpoint, restore_optimizer
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Run:
     model: torch.nn.Module  # as prepared by Accelerate (DDP/FSDP wrapper or the module itself)
     raw: GPT  # the module, unwrapped (compiled in place, so its state dict has plain names)
     optimizer: object
-    data: TokenData
+    batches: BatchSource  # train and validation batches (data.TokenBatches by default)
     tokenizer: object
     tokenizer_file: Path
     byte_lens: np.ndarray  # UTF-8 bytes per token id, for bits per byte
@@ -126,12 +126,29 @@ def make_accelerator(cfg: RunConfig):
     return accelerator
 
 
-def read_inputs(cfg: RunConfig) -> tuple[TokenData, object, np.ndarray]:
-    """The token files and the tokenizer, checked against each other and the model."""
-    from .tokenizer import load_tokenizer, token_byte_lengths
+def read_inputs(
+    cfg: RunConfig, batches: BatchSource | None = None
+) -> tuple[BatchSource, object, np.ndarray]:
+    """The batch source (the token files of `data.dir` unless one is given) and the tokenizer,
+    checked against each other and the model."""
+    from .fsutil import sha256_file
+    from .tokenizer import load_tokenizer, token_byte_lengths, tokenizer_path
 
     mc = cfg.model
-    data = TokenData(cfg.data.dir, mc.block_size, mc.vocab_size, tokenizer=cfg.data.tokenizer)
+    if batches is None:
+        data = TokenData(cfg.data.dir, mc.block_size, mc.vocab_size, tokenizer=cfg.data.tokenizer)
+        batches = TokenBatches(data, cfg.train.seed)
+    else:
+        tp = tokenizer_path(cfg.data.tokenizer)
+        if not tp.is_file():
+            raise UserError(f"tokenizer file {tp} does not exist; fix data.tokenizer.")
+        if sha256_file(tp) != batches.tokenizer_sha256:
+            raise UserError(
+                f"tokenizer {tp} is not the one {batches.dir} was encoded with (sha256 differs); "
+                "set data.tokenizer to that tokenizer."
+            )
+    if cfg.train.init_from:
+        check_init_from(Path(cfg.train.init_from), cfg, batches)
     tok = load_tokenizer(cfg.data.tokenizer)
     if tok.get_vocab_size() > mc.vocab_size:
         raise UserError(
@@ -139,11 +156,12 @@ def read_inputs(cfg: RunConfig) -> tuple[TokenData, object, np.ndarray]:
         )
     byte_lens = token_byte_lengths(tok)
     byte_lens = np.pad(byte_lens, (0, max(0, mc.vocab_size - len(byte_lens))))
-    return data, tok, byte_lens
+    return batches, tok, byte_lens
 
 
 def setup(cfg: RunConfig, resume: bool, accelerator, inputs) -> Run:
-    """Model and optimizer, restored from the latest checkpoint on resume."""
+    """Model and optimizer, restored from the latest checkpoint on resume, or (a new run with
+    `train.init_from`) the weights of another run's checkpoint with a fresh optimizer at step 0."""
     from accelerate.utils import DistributedType, set_seed
 
     from .tokenizer import tokenizer_path
@@ -153,11 +171,13 @@ def setup(cfg: RunConfig, resume: bool, accelerator, inputs) -> Run:
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(out_dir)
-    data, tok, byte_lens = inputs
+    batches, tok, byte_lens = inputs
 
     ckpt = find_checkpoint(out_dir, resume, accelerator)
     if ckpt is not None:
-        check_resume(ckpt, cfg, data, accelerator.num_processes)
+        check_resume(ckpt, cfg, batches, accelerator.num_processes)
+    # checked in read_inputs; a resumed run continues from its own checkpoint instead
+    init = Path(tc.init_from) if tc.init_from and ckpt is None else None
 
     set_seed(tc.seed)
     model = GPT(dataclasses.replace(mc))
@@ -179,6 +199,9 @@ def setup(cfg: RunConfig, resume: bool, accelerator, inputs) -> Run:
             torch.set_rng_state(tensors["rng.torch"])
         if accelerator.device.type == "cuda" and "rng.cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda"])
+    elif init is not None:
+        load_weights(model, init / "model.safetensors")
+        accelerator.print(f"starting from the weights of {init} (fresh optimizer, step 0)")
     model.to(accelerator.device)
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     mode = compile_mode(cfg, accelerator.device.type)
@@ -209,7 +232,7 @@ def setup(cfg: RunConfig, resume: bool, accelerator, inputs) -> Run:
         model=wrapped,
         raw=model,
         optimizer=optimizer,
-        data=data,
+        batches=batches,
         tokenizer=tok,
         tokenizer_file=tokenizer_path(cfg.data.tokenizer),
         byte_lens=byte_lens,

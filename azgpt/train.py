@@ -22,6 +22,7 @@ import torch
 from . import __version__
 from .checkpoint import RunLock, full_model_state, now, optimizer_state, save_checkpoint
 from .config import RunConfig
+from .data import BatchSource, as_batch
 from .errors import UserError
 from .hardware import choose_mixed_precision, peak_flops  # noqa: F401  (re-exported)
 from .metrics import Logger
@@ -35,11 +36,13 @@ from .sample import SAMPLING
 # logger).
 
 
-def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
-    """Train (or, with `resume`, continue) the run `cfg` describes."""
+def train(cfg: RunConfig, resume: bool = False, batches: BatchSource | None = None) -> TrainResult:
+    """Train (or, with `resume`, continue) the run `cfg` describes, on `batches` (a
+    `data.BatchSource`; default: the token files of `data.dir`)."""
     tc = cfg.train
     accelerator = make_accelerator(cfg)
-    inputs = read_inputs(cfg)  # read-only checks first: a refused run creates no file at all
+    # read-only checks first: a refused run creates no file at all
+    inputs = read_inputs(cfg, batches)
     lock = RunLock(Path(tc.out_dir))
     if accelerator.is_main_process:
         lock.acquire()
@@ -70,11 +73,11 @@ def train_step(run: Run, step: int, forward) -> torch.Tensor:
     skip_nonfinite = tc.nan_policy == "skip" and acc.scaler is None
     total = torch.zeros((), device=run.device)
     for micro in range(tc.grad_accum):
-        x, y = run.data.get_batch(
-            tc.seed, step, micro, tc.batch_size, run.rank, run.world, run.device
+        x, y, kw = as_batch(
+            run.batches.train_batch(step, micro, tc.batch_size, run.rank, run.world, run.device)
         )
         with acc.accumulate(run.model):
-            loss = forward(x, y)
+            loss = forward(x, y, **kw)
             acc.backward(loss)
             update = True
             if acc.sync_gradients and (tc.grad_clip > 0 or skip_nonfinite):
@@ -127,14 +130,20 @@ def evaluate(run: Run) -> dict:
     run.model.eval()
     tot = torch.zeros(3, dtype=torch.float64, device=run.device)  # nll sum, tokens, bytes
     with torch.no_grad():
-        for x, y in run.data.eval_batches(
-            tc.seed, tc.eval_iters, tc.batch_size, run.rank, run.world, run.device
+        for b in run.batches.val_batches(
+            tc.eval_iters, tc.batch_size, run.rank, run.world, run.device
         ):
+            x, y, kw = as_batch(b)
             with run.accelerator.autocast():
-                loss = run.model(x, y)
-            tot[0] += loss.double() * y.numel()
-            tot[1] += y.numel()
-            tot[2] += float(run.byte_lens[y.cpu().numpy()].sum())
+                loss = run.model(x, y, **kw)
+            # Targets -1 (padding, prompts) are outside the loss's mean and every sum here; a
+            # batch of padding only (a process out of rows) adds nothing, not its NaN mean.
+            keep = y >= 0
+            n = keep.sum()
+            tot[0] += torch.where(n > 0, loss.double() * n, 0.0)
+            tot[1] += n
+            ids = y[keep].cpu().numpy()
+            tot[2] += float(run.byte_lens[ids].sum())
     tot = run.accelerator.reduce(tot, reduction="sum")
     run.model.train()
     nll, n, nbytes = tot.tolist()
@@ -220,9 +229,10 @@ def save(run: Run, ev: dict | None) -> dict | None:
         "val_bpb": ev.get("val_bpb") if ev else None,
         "best_val_loss": st.best_val,
         "params": run.n_params,
-        "tokenizer_sha256": run.data.manifest["tokenizer"]["sha256"],
+        "tokenizer_sha256": run.batches.tokenizer_sha256,
         "tokenizer_path": str(run.tokenizer_file.resolve()),
-        "data_dir": str(Path(run.cfg.data.dir).resolve()),
+        "data_dir": str(Path(run.batches.dir).resolve()),
+        "init_from": str(Path(tc.init_from).resolve()) if tc.init_from else None,
         "loader": loader,
         "config": run.cfg.to_dict(),
         "azgpt_version": __version__,

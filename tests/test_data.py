@@ -594,6 +594,23 @@ def test_token_data_loads_prepared_folder(prepared_dir, tokenizer_dir):
     assert all(tuple(b[0].shape) == (2, 16) for b in batches)
 
 
+def test_validation_set_is_a_function_of_the_global_batch(prepared_dir, tokenizer_dir):
+    """Every process runs the same number of validation batches (under FSDP each forward is a
+    collective: an uneven share hangs), and 2 processes x 2 rows score exactly the windows 1
+    process x 4 rows does, with an odd number of batches."""
+    from azgpt.data import TokenBatches
+
+    td = TokenData(prepared_dir, block_size=16, vocab_size=TOKENIZER_VOCAB, tokenizer=tokenizer_dir)
+    src = TokenBatches(td, seed=5)
+    one = [b.x for b in src.val_batches(3, 4, rank=0, world=1)]
+    r0 = [b.x for b in src.val_batches(3, 2, rank=0, world=2)]
+    r1 = [b.x for b in src.val_batches(3, 2, rank=1, world=2)]
+    assert len(one) == len(r0) == len(r1) == 3
+    for a, b, c in zip(one, r0, r1):
+        assert (a[:2] == b).all() and (a[2:] == c).all()
+    assert src.tokenizer_sha256 == td.manifest["tokenizer"]["sha256"]
+
+
 def test_token_data_rejects_other_tokenizer(prepared_dir, tmp_path, sample_docs):
     from azgpt.tokenizer import save_tokenizer, train_tokenizer
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from trainkit import ROOT, losses, make_data, tiny_config, tiny_overrides
 
 from azgpt.config import load_config
+from azgpt.data import TokenBatches, TokenData
 from azgpt.errors import UserError
 from azgpt.model import GPT, GPTConfig
 from azgpt.train import check_resume, choose_mixed_precision, peak_flops, train
@@ -117,13 +118,12 @@ def test_resume_refuses_a_changed_data_order(data, tmp_path, key, value):
 
 
 def test_resume_refuses_another_number_of_processes(data, tmp_path):
-    from azgpt.data import TokenData
 
     tok, d = data
     run = tmp_path / "r"
     cfg = tiny_config(tok, d, run, **{"train.stop_at": 4})
     train(cfg)
-    td = TokenData(d, 32, 512)
+    td = TokenBatches(TokenData(d, 32, 512), seed=cfg.train.seed)
     check_resume(run / "last", cfg, td, world=1)  # the same run: accepted
     with pytest.raises(UserError, match="the number of processes is 2 but .* trained with 1"):
         check_resume(run / "last", cfg, td, world=2)
@@ -379,7 +379,6 @@ def test_fsdp_two_processes_train_the_same_model_as_one(data, tmp_path):
 
 
 def test_loader_batches_are_contiguous_and_shifted(data):
-    from azgpt.data import TokenData
 
     _, d = data
     td = TokenData(d, 32, 512)
