@@ -24,7 +24,12 @@ from .corpus import (
 from .dedup import NEAR_DUP_THRESHOLD, ExactDedup, LineFilter, NearDedup, Signer
 from .errors import UserError
 from .fsutil import atomic_path
+from .quality import DEFAULT as QUALITY_THRESHOLDS
+from .quality import verdict as quality_verdict
 from .text import CleanOptions, clean_document, language_verdict
+
+QUALITY_MODES = ("web", "all", "off")
+EXAMPLES = 3
 
 
 @dataclass
@@ -44,6 +49,10 @@ class CleanReport:
     """Lines removed as boilerplate repeated across the documents of one site."""
     near_dedup: dict | None = None
     """The near-duplicate settings (threshold, permutations, shingle size, bands x rows)."""
+    quality: str = "off"
+    """Which documents the web-quality rules judged: web (records with a url), all, off."""
+    quality_examples: dict = field(default_factory=dict)
+    """Up to EXAMPLES documents' starts per quality rule that dropped them."""
 
     def to_dict(self) -> dict:
         return {
@@ -58,6 +67,11 @@ class CleanReport:
             "input": dict(sorted(self.input.items())),
             "boilerplate_lines_removed": self.boilerplate_lines,
             "near_dedup": self.near_dedup,
+            "quality": {
+                "applied_to": self.quality,
+                "thresholds": QUALITY_THRESHOLDS.to_dict() if self.quality != "off" else None,
+                "examples": self.quality_examples,
+            },
         }
 
     def format(self) -> str:
@@ -74,6 +88,8 @@ class CleanReport:
                 lines.append(f"{title}: " + ", ".join(f"{k}={v:,}" for k, v in sorted(c.items())))
         if self.boilerplate_lines:
             lines.append(f"boilerplate lines removed: {self.boilerplate_lines:,}")
+        for rule, ex in sorted(self.quality_examples.items()):
+            lines.append(f"  e.g. {rule}: {ex[0][:100]!r}")
         return "\n".join(lines)
 
 
@@ -83,12 +99,13 @@ class _Job:
     min_az_share: float
     filter: bool
     signer: Signer | None = None
+    quality: str = "off"
 
-    def __call__(self, docs: list[tuple[str, int]]) -> list[tuple]:
+    def __call__(self, docs: list[tuple[str, int, bool, bool]]) -> list[tuple]:
         """(text, rule counts, drop reason, input bytes, MinHash signature or None, whether the
         next item continues this document) per document or part of a long document."""
         out = []
-        for d, nbytes in docs:
+        for d, nbytes, web, whole in docs:
             more = continues(d)
             if isinstance(d, WikiText):
                 d = d.to_text()
@@ -98,6 +115,15 @@ class _Job:
                 reason = "empty_after_cleaning"
             elif self.filter:
                 reason = language_verdict(text, self.min_az_share)
+                # The parts of a document over PART_CHARS are not judged: their statistics
+                # describe a slice, and no menu or hub page is a million characters long.
+                if (
+                    reason is None
+                    and whole
+                    and (self.quality == "all" or (web and self.quality == "web"))
+                ):
+                    rule, _ = quality_verdict(text)
+                    reason = f"quality:{rule}" if rule else None
             sig = self.signer.sign(text) if self.signer is not None and reason is None else None
             out.append((text, stats, reason, nbytes, sig, more))
         return out
@@ -117,17 +143,23 @@ def run_clean(
     line_filter: bool = True,
     workers: int = 1,
     batch_docs: int = 256,
+    quality: str = "web",
 ) -> CleanReport:
     """Clean `inputs` into one file `out` (documents separated by blank lines, input order).
 
     With `filter=False` every input document gives one output document (possibly empty lines
     removed), so repairs can be checked line by line; dedup, near-dedup and the boilerplate-line
     filter are then off too. `dedup=False` turns near-dedup off as well.
+
+    `quality` says which documents the web-quality rules (azgpt/quality.py) judge: "web" (the
+    default: records with a `url`, i.e. crawled pages), "all", or "off"; off with filter=False.
     """
+    if quality not in QUALITY_MODES:
+        raise UserError(f"--quality must be one of {', '.join(QUALITY_MODES)}, got {quality!r}.")
     if not 0.0 <= min_az_share <= 1.0:
         raise UserError(f"--min-az-share must be in [0, 1], got {min_az_share}.")
     files = discover(inputs)
-    report = CleanReport()
+    report = CleanReport(quality=quality if filter else "off")
     exact = ExactDedup() if filter and dedup else None
     near = NearDedup(near_dup_threshold) if filter and dedup and near_dedup else None
     if near is not None:
@@ -137,6 +169,7 @@ def run_clean(
         min_az_share,
         filter,
         Signer() if near is not None else None,
+        report.quality,
     )
     t0 = time.perf_counter()
     lines = _count_site_lines(files, text_field) if filter and line_filter else None
@@ -170,6 +203,10 @@ def run_clean(
                             reason = "near_duplicate"
                         if reason is not None:
                             report.dropped[reason] += 1
+                            if reason.startswith("quality:"):
+                                ex = report.quality_examples.setdefault(reason[8:], [])
+                                if len(ex) < EXAMPLES:
+                                    ex.append(text[:200])
                             continue
                     elif not text:
                         report.dropped["empty_after_cleaning"] += 1
@@ -210,13 +247,18 @@ def _count_site_lines(files: list[Path], text_field: str) -> LineFilter | None:
 
 
 def _documents(files, report: CleanReport, text_field: str, lines: LineFilter | None):
-    """(raw document, its input bytes), boilerplate lines of its site already removed."""
+    """(raw document, its input bytes, whether it came with a url, whether it is a whole
+    document rather than a part of a long one), boilerplate lines of its site already removed."""
+    in_doc = False
     for text, site in iter_sourced(files, report.input, text_field, raw_wikitext=True):
         nbytes = len(text.encode("utf-8"))
+        more = continues(text)
+        whole = not more and not in_doc
+        in_doc = more
         if lines is not None and site is not None:
             text, removed = lines.apply(site, text)
             report.boilerplate_lines += removed
-        yield text, nbytes
+        yield text, nbytes, site is not None, whole
 
 
 def write_report(report: CleanReport, path: str | Path) -> None:

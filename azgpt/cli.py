@@ -63,6 +63,7 @@ def cmd_clean(a) -> int:
         near_dup_threshold=a.near_dup_threshold,
         line_filter=not a.no_line_filter,
         workers=a.workers or default_workers(),
+        quality=a.quality,
     )
     print(report.format())
     print(f"wrote {a.out}")
@@ -332,6 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.03,
         help="language filter: least share of ə/q/x among letters (default 0.03)",
+    )
+    c.add_argument(
+        "--quality",
+        choices=("web", "all", "off"),
+        default="web",
+        help="web-quality rules (menus, hub pages, link lists; docs/cleaning.md) for records "
+        "with a url (web, the default), for every document (all), or none (off)",
     )
     c.add_argument("--report", help="also write the report as JSON to this file")
     c.add_argument(
