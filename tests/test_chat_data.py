@@ -114,7 +114,7 @@ def test_truncation_keeps_the_longest_prefix_ending_with_an_assistant_turn(tok, 
 
 
 def test_gzip_json_list_and_parquet_and_folders(tok, tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     d = tmp_path / "set"
@@ -129,7 +129,12 @@ def test_gzip_json_list_and_parquet_and_folders(tok, tmp_path):
     (d / "notes.txt").write_text("not chat data", "utf-8")  # ignored inside a folder
     convs, rep = load_chats([d], tok, 256)
     assert rep.conversations == 3 and len(rep.files) == 3
-    assert convs[2].where.endswith("c.parquet:1")
+    assert sorted(c.where.rsplit("/", 1)[1] for c in convs) == [
+        "a.jsonl.gz:1",
+        "b.json:record 1",
+        "c.parquet:1",
+    ]
+    assert all(c.messages[-2:] == CONV[1:] for c in convs if "parquet" in c.where)
 
 
 @pytest.mark.parametrize(
@@ -179,3 +184,15 @@ def test_val_split_is_stable_and_disjoint(tok, tmp_path):
     tr2, va2 = split_val(list(reversed(convs)), 0.1)
     assert {c.where for c in va} == {c.where for c in va2}
     assert split_val(convs[:2], 0.01)[1]  # at least one held out
+
+
+def test_the_project_chat_set_loads_whole(tok):
+    from pathlib import Path
+
+    d = Path(__file__).resolve().parent.parent / "data" / "chat"
+    convs, rep = load_chats([d], tok, 512)
+    assert rep.conversations == rep.records >= 300 and not rep.skipped
+    assert sum(any(m["role"] == "system" for m in c.messages) for c in convs) >= 20
+    assert sum(sum(m["role"] == "user" for m in c.messages) >= 2 for c in convs) >= 20
+    text = " ".join(m["content"] for c in convs for m in c.messages)
+    assert all(ch in text for ch in "əıİşçğöüƏŞÇÖÜ")
