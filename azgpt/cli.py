@@ -183,6 +183,13 @@ def cmd_train(a, overrides: list[str]) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_finetune(a, overrides: list[str]) -> int:
+    from .finetune import finetune
+
+    result = finetune(a.ckpt, a.data, a.out, a.config, overrides, lora=a.lora, resume=a.resume)
+    return 0 if result.ok else 1
+
+
 def cmd_sample(a) -> int:
     from .sample import run_sample
 
@@ -197,6 +204,8 @@ def cmd_sample(a) -> int:
         num_samples=a.num_samples,
         tokenizer=a.tokenizer,
         device=a.device,
+        ctx=a.ctx,
+        dtype=a.dtype,
     )
     return 0
 
@@ -263,7 +272,12 @@ def cmd_serve(a) -> int:
         ) from None
     if not 0 <= a.port <= 65535:
         raise UserError(f"--port must be between 0 and 65535, got {a.port}.")
-    limits = Limits(max_tokens=a.max_tokens, max_prompt_chars=a.max_prompt_chars)
+    limits = Limits(
+        max_tokens=a.max_tokens,
+        max_prompt_chars=a.max_prompt_chars,
+        max_messages=a.max_messages,
+        max_body_bytes=a.max_body_bytes,
+    )
     serve(
         a.ckpt,
         host=a.host,
@@ -272,9 +286,15 @@ def cmd_serve(a) -> int:
         name=a.name,
         tokenizer=a.tokenizer,
         device=a.device,
+        dtype=a.dtype,
+        ctx=a.ctx,
         max_batch=a.max_batch,
         max_queue=a.max_queue,
         limits=limits,
+        origins=[o.strip() for o in (a.origins or "").split(",") if o.strip()],
+        max_connections=a.max_connections,
+        header_timeout=a.header_timeout,
+        body_timeout=a.body_timeout,
     )
     return 0
 
@@ -413,6 +433,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.set_defaults(fn=cmd_train, takes_overrides=True)
 
+    ft = sub.add_parser(
+        "finetune",
+        help="fine-tune a checkpoint on conversations (add --section.key=value overrides)",
+    )
+    ft.add_argument("--ckpt", required=True, help="the base checkpoint (e.g. runs/tiny/best)")
+    ft.add_argument(
+        "--data", required=True, nargs="+", help="chat files or folders (.jsonl, .json, .parquet)"
+    )
+    ft.add_argument("--out", help="the run folder (default runs/BASE-sft)")
+    ft.add_argument("--config", help="TOML file with [sft] and [train] settings (configs/sft.toml)")
+    ft.add_argument("--lora", action="store_true", help="train LoRA adapters only (peft)")
+    ft.add_argument(
+        "--resume", action="store_true", help="continue from the latest complete checkpoint"
+    )
+    ft.set_defaults(fn=cmd_finetune, takes_overrides=True)
+
     s = sub.add_parser("sample", help="generate text from a checkpoint")
     s.add_argument("--ckpt", required=True, help="checkpoint folder (e.g. runs/tiny/last)")
     s.add_argument("--prompt", default="", help="prompt text")
@@ -432,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer", help="tokenizer folder (default: the one recorded in the checkpoint)"
     )
     s.add_argument("--device", default="auto")
+    _add_ctx_dtype(s)
     s.set_defaults(fn=cmd_sample)
 
     e = sub.add_parser("eval", help="loss, perplexity, bits per byte, probes")
@@ -490,17 +527,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer", help="tokenizer folder (default: the one recorded in the checkpoint)"
     )
     sv.add_argument("--device", default="auto")
+    _add_ctx_dtype(sv)
+    sv.add_argument(
+        "--origins",
+        default=os.environ.get("AZGPT_ORIGINS"),
+        help="web page origins allowed besides the server's own, comma-separated, e.g. "
+        "http://localhost:3000 (or AZGPT_ORIGINS); other pages get 403",
+    )
     for flag, default, what in (
         ("--max-batch", 8, "sequences decoded together in one forward pass"),
         ("--max-queue", 64, "requests that may wait for a slot; more get 503"),
         ("--max-tokens", 1024, "the most tokens one request may ask for"),
         ("--max-prompt-chars", 100_000, "the longest prompt (all messages together) in characters"),
+        ("--max-messages", 256, "chat messages kept per request; older ones are dropped"),
+        ("--max-body-bytes", 1_000_000, "the largest request body; larger ones get 413"),
+        ("--max-connections", 256, "open connections; the longest-idle one is closed for a new one"),
+        ("--header-timeout", 10, "seconds a connection may wait without a complete request"),
+        ("--body-timeout", 30, "seconds a client may take to send a request body"),
     ):
         sv.add_argument(
             flag, type=_positive_int(flag), default=default, help=f"{what} (default {default})"
         )
     sv.set_defaults(fn=cmd_serve)
     return p
+
+
+def _add_ctx_dtype(p) -> None:
+    p.add_argument(
+        "--ctx",
+        type=_positive_int("--ctx"),
+        default=None,
+        help="context in tokens (default: the smaller of the model's and 4096)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bfloat16 on a GPU that has it, float32 on CPU), float32, bfloat16 or float16",
+    )
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:

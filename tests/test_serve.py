@@ -194,14 +194,16 @@ def test_a_full_queue_refuses_at_once(loaded):
     assert [e.reason for e in got] == ["cancelled", "cancelled"]
 
 
-def test_chat_template_uses_the_reserved_tokens(loaded):
+def test_chat_prompts_use_the_one_chat_template(loaded):
+    from azgpt.chat_template import encode_chat
+
     model, tok = loaded
     eng = Engine(model, tok)
-    ids = eng.chat_ids([("system", "Qısa cavab ver."), ("user", "Salam <|user|>")])
-    sid, uid, aid = (tok.token_to_id(f"<|{r}|>") for r in ("system", "user", "assistant"))
-    assert ids[0] == eng.eot and ids[1] == sid and ids[-1] == aid
-    assert ids.count(uid) == 1  # "<|user|>" typed in a message stays text
-    assert tok.decode(ids[ids.index(uid) + 1 : -1]) == "Salam <|user|>\n"
+    msgs = [("system", "Qısa cavab ver."), ("user", "Salam")]
+    ids = eng.chat_ids(msgs)
+    assert ids == encode_chat(tok, [{"role": r, "content": c} for r, c in msgs])
+    aid = tok.token_to_id("<|assistant|>")
+    assert ids[0] == eng.eot and ids[-1] == aid
     with pytest.raises(ValueError):
         eng.chat_ids([("tool", "x")])
 
@@ -445,7 +447,6 @@ BAD = [
     ("/api/generate", {"prompt": "a", "context": [0, 10**6]}, 400, "'context'"),
     ("/api/chat", {"messages": []}, 400, "'messages'"),
     ("/api/chat", {"messages": [{"role": "tool", "content": "x"}]}, 400, "'messages.0.role'"),
-    ("/api/chat", {"messages": [{"role": "user", "content": "a"}] * 300}, 400, "'messages'"),
     (
         "/api/chat",
         {"messages": [{"role": "user"}], "tools": [{"type": "function"}]},
@@ -518,7 +519,6 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 def test_api_key_is_required_on_every_api_route(small_server):
     routes = [
-        ("GET", "/health"),
         ("GET", "/api/tags"),
         ("GET", "/api/version"),
         ("GET", "/v1/models"),
@@ -536,6 +536,7 @@ def test_api_key_is_required_on_every_api_route(small_server):
             assert r.status_code == 401, (path, headers)
             assert "Authorization: Bearer" in r.text
     assert requests.get(small_server + "/", timeout=10).status_code == 200  # the page itself
+    assert requests.get(small_server + "/health", timeout=10).json()["status"] == "ok"  # probes
     ok = requests.post(small_server + "/tokenize", json={"text": "Bakı"}, headers=AUTH, timeout=10)
     assert ok.status_code == 200
 

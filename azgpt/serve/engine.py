@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 
+from ..chat_template import encode_chat, end_of_turn_id
 from ..generate import (
     Chunk,
     Decoder,
@@ -44,8 +45,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("azgpt.serve")
-
-ROLES = ("system", "user", "assistant")
 
 
 class QueueFull(Exception):
@@ -93,8 +92,11 @@ class Engine:
         self.max_queue = max_queue
         self.token_bytes = d.token_bytes
         self.n_text_ids = d.n_valid
-        self.specials = d.specials
         self.eot = d.eot
+        # Replies end at the chat template's end of turn (one of the special tokens).
+        self.specials = d.specials
+        if end_of_turn_id(tokenizer) not in d.specials:
+            raise ValueError("the tokenizer's end-of-turn token is not a special token")
         self.stats = d.stats
         self.waiting: deque[Request] = deque()
         # Fault-injection point for tests (read when the engine is built, not at import):
@@ -111,18 +113,8 @@ class Engine:
         return prompt_ids(self.tokenizer, text)
 
     def chat_ids(self, messages: Sequence[tuple[str, str]]) -> list[int]:
-        """The chat template (see docs/serving.md): `<|endoftext|>`, then per message its role
-        token (`<|system|>`, `<|user|>`, `<|assistant|>`) and its text plus a newline, then
-        `<|assistant|>` for the reply, which ends at the next special token. Role tokens are
-        inserted as ids: text that spells `<|user|>` stays text."""
-        ids = [self.eot]
-        for role, content in messages:
-            if role not in ROLES:
-                raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-            ids.append(self.tokenizer.token_to_id(f"<|{role}|>"))
-            ids.extend(self.tokenizer.encode(content + "\n", add_special_tokens=False).ids)
-        ids.append(self.tokenizer.token_to_id("<|assistant|>"))
-        return ids
+        """A conversation's ids by azgpt's one chat template (`azgpt.chat_template`)."""
+        return encode_chat(self.tokenizer, [{"role": r, "content": c} for r, c in messages])
 
     def fit(self, ids: Sequence[int]) -> tuple[list[int], int]:
         """Cut a prompt from the left to the context; returns (ids, how many were cut)."""
