@@ -10,9 +10,12 @@ packed conversation computes exactly what it computes alone (tests/test_finetune
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from .chatdata import Conversation
+from .data import Batch
 
 
 def pack(convs: list[Conversation], block_size: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -53,11 +56,13 @@ def pack(convs: list[Conversation], block_size: int, pad_id: int) -> dict[str, n
 
 
 class ChatBatches:
-    """The loop's batch source for fine-tuning: packed train and val rows of conversations.
+    """The training loop's batch source (`data.BatchSource`) for fine-tuning: packed train and
+    held-out rows of conversations, with segment ids as the forward's `segments`.
 
-    `get_batch` is a pure function of (seed, step, micro): an epoch is one pass over the train
-    rows in an order drawn from (seed, epoch), so a resumed run draws exactly the rows it would
-    have drawn. Evaluation always covers every held-out row."""
+    `train_batch` is a pure function of (step, micro) and the seed: an epoch is one pass over
+    the train rows in an order drawn from (seed, epoch), so a resumed run draws exactly the rows
+    it would have drawn. `val_batches` covers the held-out rows in order, padding with rows of
+    ignored targets where a process runs out (`val_iters` batches cover them all)."""
 
     def __init__(
         self,
@@ -65,45 +70,58 @@ class ChatBatches:
         val: list[Conversation],
         block_size: int,
         pad_id: int,
-        manifest: dict,
+        *,
+        seed: int,
+        grad_accum: int,
+        tokenizer_sha256: str,
+        dir: Path,
     ):
-        self.block_size = block_size
-        self.manifest = manifest
+        self.block_size, self.pad_id = block_size, pad_id
+        self.seed, self.grad_accum = seed, grad_accum
+        self.tokenizer_sha256, self.dir = tokenizer_sha256, Path(dir)
         self.rows = {"train": pack(train, block_size, pad_id)}
         self.rows["val"] = pack(val, block_size, pad_id) if val else None
         self.n_train = len(self.rows["train"]["x"])
+        self.n_val = len(self.rows["val"]["x"]) if val else 0
 
-    def _take(self, split: str, idx: np.ndarray, device):
+    def _take(self, split: str, idx: np.ndarray, device, pad_to: int = 0) -> Batch:
         import torch
 
         r = self.rows[split]
-        x, y, seg = (torch.from_numpy(r[k][idx]) for k in ("x", "y", "seg"))
-        if device is not None:
-            x, y, seg = x.to(device), y.to(device), seg.to(device)
-        return x, y, {"segments": seg}
+        x, y, seg = (r[k][idx] for k in ("x", "y", "seg"))
+        if pad_to > len(idx):  # rows of padding whose targets are all ignored
+            extra = pad_to - len(idx)
+            x = np.concatenate([x, np.full((extra, self.block_size), self.pad_id)])
+            y = np.concatenate([y, np.full((extra, self.block_size), -1)])
+            seg = np.concatenate([seg, np.zeros((extra, self.block_size), dtype=np.int64)])
+        x, y, seg = (torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in (x, y, seg))
+        return Batch(x, y, {"segments": seg})
 
-    def train_rows(self, seed: int, step: int, micro: int, global_batch: int) -> np.ndarray:
-        first = (step * self.accum + micro) * global_batch
+    def train_rows(self, step: int, micro: int, global_batch: int) -> np.ndarray:
+        first = (step * self.grad_accum + micro) * global_batch
         out = []
         for k in range(first, first + global_batch):
             epoch, j = divmod(k, self.n_train)
-            perm = np.random.default_rng([seed, 0xC4A7, epoch]).permutation(self.n_train)
+            perm = np.random.default_rng([self.seed, 0xC4A7, epoch]).permutation(self.n_train)
             out.append(perm[j])
-        return np.asarray(out)
+        return np.asarray(out, dtype=np.int64)
 
-    accum = 1  # micro-steps per optimizer step (set by the caller from train.grad_accum)
-
-    def get_batch(self, seed, step, micro, batch_size, rank=0, world=1, device=None):
-        rows = self.train_rows(seed, step, micro, batch_size * world)
+    def train_batch(self, step, micro, batch_size, rank=0, world=1, device=None) -> Batch:
+        rows = self.train_rows(step, micro, batch_size * world)
         return self._take("train", rows[rank * batch_size : (rank + 1) * batch_size], device)
 
-    def eval_batches(self, seed, n_batches, batch_size, rank=0, world=1, device=None):
-        if self.rows["val"] is None:
+    def val_iters(self, batch_size: int, world: int) -> int:
+        """Batches per process that cover every held-out row."""
+        return -(-self.n_val // (batch_size * world))
+
+    def val_batches(self, n_batches, batch_size, rank=0, world=1, device=None):
+        if not self.n_val:
             return
-        n = len(self.rows["val"]["x"])
-        chunks = [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-        for b in range(rank, len(chunks), world):
-            yield self._take("val", chunks[b], device)
+        g = batch_size * world
+        for b in range(n_batches):
+            lo = b * g + rank * batch_size
+            idx = np.arange(lo, min(lo + batch_size, self.n_val), dtype=np.int64)
+            yield self._take("val", idx, device, pad_to=batch_size)
 
     def steps_per_epoch(self, batch_size: int, grad_accum: int, world: int) -> float:
         return self.n_train / (batch_size * grad_accum * world)

@@ -116,3 +116,19 @@ def _run_prepare_sample(sample_dir, tokenizer_dir, out) -> None:
         workers=1,
         backend="tokenizers",
     )
+
+
+@pytest.fixture(scope="session")
+def chat_base(tmp_path_factory) -> Path:
+    """A tiny base model trained on the embedded sample (tests/chatkit.py)."""
+    from chatkit import build_base
+
+    return build_base(tmp_path_factory.mktemp("chat_base"))
+
+
+@pytest.fixture(scope="session")
+def chat_sft(tmp_path_factory, chat_base) -> Path:
+    """That base fine-tuned on data/chat (the run folder)."""
+    from chatkit import build_sft
+
+    return build_sft(tmp_path_factory.mktemp("chat_sft"), chat_base)
