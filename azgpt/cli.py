@@ -190,13 +190,6 @@ def cmd_finetune(a, overrides: list[str]) -> int:
     return 0 if result.ok else 1
 
 
-def cmd_finetune(a, overrides: list[str]) -> int:
-    from .finetune import finetune
-
-    result = finetune(a.ckpt, a.data, a.out, a.config, overrides, lora=a.lora, resume=a.resume)
-    return 0 if result.ok else 1
-
-
 def cmd_sample(a) -> int:
     from .sample import run_sample
 
@@ -439,22 +432,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from the latest complete checkpoint"
     )
     tr.set_defaults(fn=cmd_train, takes_overrides=True)
-
-    ft = sub.add_parser(
-        "finetune",
-        help="fine-tune a checkpoint on conversations (add --section.key=value overrides)",
-    )
-    ft.add_argument("--ckpt", required=True, help="the base checkpoint (e.g. runs/tiny/best)")
-    ft.add_argument(
-        "--data", required=True, nargs="+", help="chat files or folders (.jsonl, .json, .parquet)"
-    )
-    ft.add_argument("--out", help="the run folder (default runs/BASE-sft)")
-    ft.add_argument("--config", help="TOML file with [sft] and [train] settings (configs/sft.toml)")
-    ft.add_argument("--lora", action="store_true", help="train LoRA adapters only (peft)")
-    ft.add_argument(
-        "--resume", action="store_true", help="continue from the latest complete checkpoint"
-    )
-    ft.set_defaults(fn=cmd_finetune, takes_overrides=True)
 
     ft = sub.add_parser(
         "finetune",
