@@ -210,6 +210,28 @@ def cmd_sample(a) -> int:
     return 0
 
 
+def cmd_chat(a) -> int:
+    from .chat import run_chat
+    from .sample import sampling_params
+
+    params = sampling_params(
+        max_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_k=a.top_k,
+        top_p=a.top_p,
+        seed=a.seed,
+    )
+    return run_chat(
+        a.ckpt,
+        system=a.system,
+        tokenizer=a.tokenizer,
+        device=a.device,
+        ctx=a.ctx,
+        dtype=a.dtype,
+        params=params,
+    )
+
+
 def cmd_eval(a) -> int:
     from .evaluate import run_eval
 
@@ -470,6 +492,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     _add_ctx_dtype(s)
     s.set_defaults(fn=cmd_sample)
+
+    ch = sub.add_parser("chat", help="a terminal chatbot (one turn per line when piped)")
+    ch.add_argument("--ckpt", required=True, help="checkpoint folder (e.g. runs/tiny-sft/best)")
+    ch.add_argument("--system", help="a system prompt that sets the assistant's manner")
+    ch.add_argument(
+        "--max-new-tokens",
+        type=_positive_int("--max-new-tokens"),
+        default=SAMPLING["max_new_tokens"],
+    )
+    ch.add_argument("--temperature", type=float, default=SAMPLING["temperature"])
+    ch.add_argument("--top-k", type=int, default=SAMPLING["top_k"])
+    ch.add_argument("--top-p", type=float, default=SAMPLING["top_p"])
+    ch.add_argument("--seed", type=int, default=0, help="the same seed gives the same replies")
+    ch.add_argument(
+        "--tokenizer", help="tokenizer folder (default: the one recorded in the checkpoint)"
+    )
+    ch.add_argument("--device", default="auto")
+    _add_ctx_dtype(ch)
+    ch.set_defaults(fn=cmd_chat)
 
     e = sub.add_parser("eval", help="loss, perplexity, bits per byte, probes")
     e.add_argument("--ckpt", required=True)
