@@ -4,6 +4,9 @@ computes in, and whether it is compiled."""
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
+
+import torch
 
 from .config import RunConfig
 from .errors import UserError
@@ -71,3 +74,19 @@ def compile_mode(cfg: RunConfig, device_type: str) -> str | None:
     if c == "off" or (c == "auto" and device_type != "cuda"):
         return None
     return "default" if c in ("auto", "on") else c
+
+
+@contextmanager
+def eager(model: torch.nn.Module):
+    """Run `model` (compiled in place with `Module.compile`) uncompiled inside the block.
+    Evaluation (no_grad, eval mode) and sampling (a KV cache, growing lengths) would each make
+    dynamo compile new graphs beside the training one: 14 recompiles at a tiny CPU run's first
+    evaluation. A few dozen forwards per evaluation are not worth them."""
+    saved = [(m, m._compiled_call_impl) for m in model.modules() if m._compiled_call_impl]
+    for m, _ in saved:
+        m._compiled_call_impl = None
+    try:
+        yield model
+    finally:
+        for m, f in saved:
+            m._compiled_call_impl = f

@@ -36,7 +36,7 @@ class Logger:
         self.path = run.out_dir / "metrics.jsonl"
         self.buf = torch.zeros(tc.log_interval, device=run.device)
         self.steps: list[int] = []
-        self.flops_per_token = run.raw.flops_per_token()
+        self.flops_per_token = run.flops_per_token  # the whole model's, not a shard's
         self.peak = None
         if run.device.type == "cuda":
             # MFU counts the whole model's FLOPs (not a rank's FSDP shard) against the data
@@ -55,6 +55,7 @@ class Logger:
         if tc.tensorboard:
             flat = {f"{sec}.{k}": v for sec, t in run.cfg.to_dict().items() for k, v in t.items()}
             run.accelerator.init_trackers("tensorboard", config=flat)
+        shards = self.shards() if run.state.step == 0 else None  # a collective: every rank
         if run.main and run.state.step == 0:
             self.path.unlink(missing_ok=True)
             self.write(
@@ -65,11 +66,22 @@ class Logger:
                     "world": run.world,
                     "precision": run.precision,
                     "mfu_peak": "data sheet",
+                    "fsdp": shards,
                     "time": now(),
                 }
             )
         elif run.main:
             truncate_metrics(self.path, run.state.step)
+
+    def shards(self) -> list[dict] | None:
+        """Under FSDP, what each process holds (fsdp.shard_report), gathered on every rank."""
+        run = self.run
+        if not run.shards:
+            return None
+        keys = ("params", "dtensor_params", "numel", "local_numel")
+        mine = torch.tensor([run.shards[k] for k in keys], device=run.device)
+        rows = run.accelerator.gather(mine[None]).tolist()
+        return [dict(zip(keys, r)) for r in rows]
 
     def write(self, row: dict) -> None:
         if self.run.main:

@@ -47,7 +47,9 @@ class Run:
     precision: str
     compile_mode: str | None
     fsdp: bool
-    n_params: int
+    n_params: int  # of the whole model (counted before sharding)
+    flops_per_token: int  # of the whole model: MFU is never a shard's
+    shards: dict | None  # under FSDP: what this process holds (fsdp.shard_report)
     state: RunState = field(default_factory=RunState)
 
     @property
@@ -93,7 +95,10 @@ class TrainResult:
 
 
 def make_accelerator(cfg: RunConfig):
+    """(accelerator, fsdp): `fsdp` when the launcher asked for sharding (see fsdp.py)."""
     from accelerate import Accelerator
+
+    from . import fsdp as fsdp_mod
 
     tc = cfg.train
     if tc.device == "cuda" and not torch.cuda.is_available():
@@ -112,6 +117,7 @@ def make_accelerator(cfg: RunConfig):
             raise UserError(
                 "train.tensorboard=true needs TensorBoard; install it with `pip install azgpt[tensorboard]`."
             )
+    fsdp = fsdp_mod.requested()  # before Accelerator(): azgpt shards, Accelerate must not
     accelerator = Accelerator(
         gradient_accumulation_steps=tc.grad_accum,
         mixed_precision=precision,
@@ -123,7 +129,7 @@ def make_accelerator(cfg: RunConfig):
         # TF32 matmuls: ~2x on fp32 work (bf16 autocast leaves a few fp32 ops) at no loss cost.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return accelerator
+    return accelerator, fsdp and accelerator.num_processes > 1
 
 
 def read_inputs(
@@ -159,10 +165,10 @@ def read_inputs(
     return batches, tok, byte_lens
 
 
-def setup(cfg: RunConfig, resume: bool, accelerator, inputs) -> Run:
+def setup(cfg: RunConfig, resume: bool, accelerator, inputs, fsdp: bool = False) -> Run:
     """Model and optimizer, restored from the latest checkpoint on resume, or (a new run with
     `train.init_from`) the weights of another run's checkpoint with a fresh optimizer at step 0."""
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate.utils import set_seed
 
     from .tokenizer import tokenizer_path
 
@@ -202,15 +208,21 @@ def setup(cfg: RunConfig, resume: bool, accelerator, inputs) -> Run:
     elif init is not None:
         load_weights(model, init / "model.safetensors")
         accelerator.print(f"starting from the weights of {init} (fresh optimizer, step 0)")
+    flops_per_token = model.flops_per_token()  # of the whole model, before any sharding
     model.to(accelerator.device)
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
     mode = compile_mode(cfg, accelerator.device.type)
     if mode:
-        # Compile the module, not its DDP/FSDP wrapper (in place: the state dict keeps plain
-        # names). Under FSDP each block is compiled on its own, inside its sharding unit.
+        # Compile the module in place (its state dict keeps plain names), never a wrapper.
+        # Under FSDP each block is compiled on its own, inside its sharding unit.
         for m in model.transformer.h if fsdp else [model]:
             m.compile(mode=mode)
-    optimizer = make_optimizer(
+    shards = None
+    if fsdp:
+        from . import fsdp as fsdp_mod
+
+        fsdp_mod.shard(model, accelerator.device.type, accelerator.num_processes)
+        shards = fsdp_mod.shard_report(model)
+    optimizer = make_optimizer(  # after sharding: the optimizer holds the sharded parameters
         model,
         lr=tc.lr,
         weight_decay=tc.weight_decay,
@@ -219,7 +231,10 @@ def setup(cfg: RunConfig, resume: bool, accelerator, inputs) -> Run:
         optimizer=tc.optimizer,
         muon_lr=tc.muon_lr,
     )
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    if fsdp:
+        wrapped, optimizer = model, accelerator.prepare(optimizer)
+    else:
+        wrapped, optimizer = accelerator.prepare(model, optimizer)
     if opt_saved is not None:
         restore_optimizer(wrapped, optimizer, ckpt, *opt_saved, cfg, accelerator)
         if accelerator.scaler is not None and "scaler" in info:
@@ -240,11 +255,21 @@ def setup(cfg: RunConfig, resume: bool, accelerator, inputs) -> Run:
         compile_mode=mode,
         fsdp=fsdp,
         n_params=n_params,
+        flops_per_token=flops_per_token,
+        shards=shards,
         state=state,
     )
     accelerator.print(
         f"model: {n_params:,} parameters ({n_params / 1e6:.1f}M); {run.world} process(es) on "
-        f"{run.device.type}{' (FSDP)' if fsdp else ''}, mixed precision {run.precision}, "
+        f"{run.device.type}{fsdp_banner(shards, run.world)}, mixed precision {run.precision}, "
         f"compile {mode or 'off'}; {run.tokens_per_step:,} tokens per step"
     )
     return run
+
+
+def fsdp_banner(shards: dict | None, world: int) -> str:
+    """' (FSDP: ...)' only when every parameter is really sharded."""
+    if not shards or shards["dtensor_params"] != shards["params"]:
+        return ""
+    share = shards["local_numel"] / max(shards["numel"], 1)
+    return f" (FSDP: every parameter sharded, {share:.0%} of the elements on each of {world})"

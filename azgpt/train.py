@@ -24,7 +24,8 @@ from .checkpoint import RunLock, full_model_state, now, optimizer_state, save_ch
 from .config import RunConfig
 from .data import BatchSource, as_batch
 from .errors import UserError
-from .hardware import choose_mixed_precision, peak_flops  # noqa: F401  (re-exported)
+from .fsdp import clip_grad_norm
+from .hardware import choose_mixed_precision, eager, peak_flops  # noqa: F401  (re-exported)
 from .metrics import Logger
 from .model import GPT
 from .resume import check_resume, data_order  # noqa: F401  (re-exported)
@@ -40,14 +41,14 @@ def train(cfg: RunConfig, resume: bool = False, batches: BatchSource | None = No
     """Train (or, with `resume`, continue) the run `cfg` describes, on `batches` (a
     `data.BatchSource`; default: the token files of `data.dir`)."""
     tc = cfg.train
-    accelerator = make_accelerator(cfg)
+    accelerator, fsdp = make_accelerator(cfg)
     # read-only checks first: a refused run creates no file at all
     inputs = read_inputs(cfg, batches)
     lock = RunLock(Path(tc.out_dir))
     if accelerator.is_main_process:
         lock.acquire()
     try:
-        run = setup(cfg, resume, accelerator, inputs)
+        run = setup(cfg, resume, accelerator, inputs, fsdp)
         return loop(run)
     except torch.cuda.OutOfMemoryError:
         raise UserError(
@@ -77,13 +78,18 @@ def train_step(run: Run, step: int, forward) -> torch.Tensor:
             run.batches.train_batch(step, micro, tc.batch_size, run.rank, run.world, run.device)
         )
         with acc.accumulate(run.model):
+            if run.fsdp:  # reduce-scatter gradients after the last micro-batch only
+                run.model.set_requires_gradient_sync(acc.sync_gradients)
             loss = forward(x, y, **kw)
             acc.backward(loss)
             update = True
             if acc.sync_gradients and (tc.grad_clip > 0 or skip_nonfinite):
-                norm = acc.clip_grad_norm_(
-                    run.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf")
-                )
+                max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+                if run.fsdp:
+                    acc.unscale_gradients()
+                    norm = clip_grad_norm(run.model.parameters(), max_norm)
+                else:
+                    norm = acc.clip_grad_norm_(run.model.parameters(), max_norm)
                 # nan_policy=skip: one host sync per step to drop an update with non-finite
                 # gradients before it reaches the weights (fp16 runs leave this to the scaler).
                 if skip_nonfinite and not torch.isfinite(norm):
@@ -129,7 +135,7 @@ def evaluate(run: Run) -> dict:
     tc = run.cfg.train
     run.model.eval()
     tot = torch.zeros(3, dtype=torch.float64, device=run.device)  # nll sum, tokens, bytes
-    with torch.no_grad():
+    with torch.no_grad(), eager(run.raw):
         for b in run.batches.val_batches(
             tc.eval_iters, tc.batch_size, run.rank, run.world, run.device
         ):
@@ -152,9 +158,10 @@ def evaluate(run: Run) -> dict:
 
 
 def sample_text(run: Run, weights: dict | None = None) -> str:
-    """A line sampled from `sample_prompt`, on the main process. Under FSDP the sample comes
-    from a local copy built from the gathered weights (`weights`), since the sharded model's
-    forward needs every rank."""
+    """A line sampled from `sample_prompt`, on the main process, from the uncompiled module (a
+    growing KV cache would recompile the training graph). Under FSDP the sample comes from a
+    local copy built from the gathered weights (`weights`), since the sharded model's forward
+    needs every rank; every tensor of the copy must come from them."""
     from .tokenizer import EOT, decode, encode
 
     tc = run.cfg.train
@@ -163,10 +170,18 @@ def sample_text(run: Run, weights: dict | None = None) -> str:
     if run.fsdp:
         if weights is None:
             return ""
-        model = GPT(run.raw.config).to(run.device)
-        model.load_state_dict({k: v for k, v in weights.items()}, strict=False)
+        cuda = [run.device] if run.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # the init's draws stay out of the run's RNG
+            model = GPT(run.raw.config).to(run.device)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
         if run.raw.config.tie_embeddings:
             model.lm_head.weight = model.transformer.wte.weight
+            missing = [k for k in missing if k != "lm_head.weight"]
+        if missing or unexpected:  # a bug, not bad input: never sample from random weights
+            raise RuntimeError(
+                f"the gathered weights do not fit the model (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]})"
+            )
     else:
         model = run.raw
     eot = run.tokenizer.token_to_id(EOT)
@@ -174,7 +189,7 @@ def sample_text(run: Run, weights: dict | None = None) -> str:
     g = torch.Generator(device=run.device).manual_seed(tc.seed)
     x = torch.tensor([ids[-run.cfg.model.block_size :]], device=run.device)
     model.eval()
-    with torch.no_grad(), run.accelerator.autocast():
+    with torch.no_grad(), run.accelerator.autocast(), eager(model):
         out = [
             int(t)
             for t in model.generate(
@@ -233,6 +248,7 @@ def save(run: Run, ev: dict | None) -> dict | None:
         "tokenizer_path": str(run.tokenizer_file.resolve()),
         "data_dir": str(Path(run.batches.dir).resolve()),
         "init_from": str(Path(tc.init_from).resolve()) if tc.init_from else None,
+        **getattr(run.batches, "meta", {}),  # what a source says about the run (chat format)
         "loader": loader,
         "config": run.cfg.to_dict(),
         "azgpt_version": __version__,

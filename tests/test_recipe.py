@@ -165,10 +165,16 @@ def test_muon_orthogonalises_matrices_and_leaves_vectors_to_adamw():
         torch.testing.assert_close(step, lr * params[n].grad.sign(), atol=1e-6, rtol=1e-3)
 
 
-def test_muon_on_cpu_is_torchs_update_with_newton_schulz_in_float32():
-    """On CPU the Muon matrices are orthogonalised in float32 (torch's bf16 products are ~11x
-    slower there); the update is torch.optim.Muon's up to bf16 rounding, with the same state."""
+@pytest.mark.parametrize("ns", [torch.float32, torch.bfloat16])
+def test_muon_stacked_by_shape_is_torchs_update(ns, monkeypatch):
+    """azgpt's Muon step (same-shape matrices stacked, one batched Newton-Schulz per shape, in
+    float32 where bf16 is not native) is torch.optim.Muon's update up to bf16 rounding, with
+    the same state."""
     import copy
+
+    import azgpt.optim
+
+    monkeypatch.setattr(azgpt.optim, "ns_dtype", lambda device: ns)
 
     def opt_for(m):
         return make_optimizer(m, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95),
