@@ -85,6 +85,8 @@ def cmd_crawl(a) -> int:
         max_bytes=a.max_bytes,
         contact=a.contact,
         shard_pages=a.shard_pages,
+        allow_private=a.allow_private,
+        max_crawl_delay=a.max_crawl_delay,
     )
     report = run_crawl(a.urls, a.out, opts)
     print(report.format())
@@ -401,7 +403,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cr.add_argument("--same-site", action="store_true", help="follow links only on seed sites")
     cr.add_argument("--depth", type=int, default=2, help="link steps from a seed (default 2)")
-    cr.add_argument("--timeout", type=float, default=20.0, help="seconds per response")
+    cr.add_argument(
+        "--timeout",
+        type=float,
+        default=20.0,
+        help="seconds per response, wall clock: connect, headers and body (default 20)",
+    )
+    cr.add_argument(
+        "--allow-private",
+        action="store_true",
+        help="also fetch from private, loopback and link-local addresses (refused by default)",
+    )
+    cr.add_argument(
+        "--max-crawl-delay",
+        type=float,
+        default=300.0,
+        help="skip hosts whose robots.txt crawl delay or Retry-After is longer (default 300 s)",
+    )
     cr.add_argument(
         "--max-bytes", type=_positive_int("--max-bytes"), default=5_000_000, help="page size cap"
     )

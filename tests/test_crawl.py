@@ -256,6 +256,7 @@ def opts(**kw) -> CrawlOptions:
         contact=CONTACT,
         shard_pages=2,
         progress=False,
+        allow_private=True,  # the test site is on 127.0.0.1
     )
     base.update(kw)
     return CrawlOptions(**base)
@@ -267,6 +268,7 @@ def cli_args(urls: Path, out: Path) -> list[str]:
         str(urls),
         "--out",
         str(out),
+        "--allow-private",
         "--delay",
         "0",
         "--depth",
@@ -360,7 +362,7 @@ def test_main_text_without_navigation(crawled):
     notes = recs[f"{site.base}/notes.txt"]
     assert notes["text"] == NOTES.strip()
     for r in recs.values():
-        assert set(r) == {"url", "title", "date", "text", "sha256"}
+        assert set(r) == {"url", "title", "date", "text", "sha256", "encoding"}
         assert r["sha256"] == __import__("hashlib").sha256(r["text"].encode()).hexdigest()
 
 

@@ -1,46 +1,45 @@
-"""`azgpt crawl`: polite, resumable fetching of web pages into gzipped JSONL shards.
+"""The crawl: a queue per host in `DIR/state.sqlite`, politeness per server, robots.txt per
+origin, one page per transaction, shards written whole.
 
-Politeness: robots.txt (RFC 9309, matched for the `azgpt` product token, with its crawl-delay and
-request-rate) is read once per host; one request at a time, and a host is asked again only
-`delay` seconds after its previous response ended. Every response is bounded: redirects,
-connect/read timeouts plus a deadline for the whole body (a server that drips one byte at a time
-never trips a read timeout), a size cap checked against Content-Length, while reading, and again
-while decompressing (a gzip bomb stops at the cap), and only HTML and plain text are read.
+Politeness: requests go one at a time; a server (the address a host resolves to, so
+`127.0.0.1`, `127.1` and `localhost` are one server) is asked again only `delay` seconds after
+its previous response ended, or the host's robots.txt crawl-delay / request-rate when longer. A
+host whose crawl delay is over `max_crawl_delay` (5 minutes) is skipped and counted. The next
+URL is the oldest queued URL of the host that may be asked soonest, so a slow host never holds
+up the others. 429 and 503 answers are asked again after their Retry-After (when it is within
+`max_crawl_delay`) or an exponential backoff, at most `max_retries` times, then counted; the
+host's other URLs wait as long.
 
-Resumability: all state lives in `DIR/state.sqlite` (queue, hosts and their robots.txt, text
-digests, counters, and the records of the shard being filled). A page's record, its URL marked
-done and the links it adds are one transaction, so a kill at any moment loses nothing committed
-and fetches nothing committed again (only the request in flight at the kill is repeated). Shards
-are written whole under a temporary name and renamed; a kill between the rename and the
-transaction that empties the pending records rewrites the same shard on restart.
+Resumability: a page's record, its URL marked done and the links it adds are one transaction,
+so a kill at any moment loses nothing committed and fetches nothing committed again (only the
+request in flight at the kill is repeated). Shards are written whole under a temporary name and
+renamed; a kill between the rename and the transaction that empties the pending records
+rewrites the same shard on restart.
 """
 
 from __future__ import annotations
 
+import email.utils
 import gzip
 import hashlib
-import http.client
 import json
 import os
 import signal
 import sqlite3
 import time
-import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urldefrag, urljoin, urlsplit
 
-from . import __version__
-from .errors import UserError
-from .fsutil import atomic_path, fsync_dir
+from .. import __version__
+from ..errors import UserError
+from ..fsutil import atomic_path, fsync_dir
+from . import extract
+from .net import HTML_TYPES, TEXT_TYPES, Fetcher, FetchError, Response
+from .robots import ROBOTS_MAX_BYTES, ROBOTS_TTL, UA_TOKEN, parse_robots, robots_text
+from .urls import normalize_url, origin, read_seeds, site
 
-UA_TOKEN = "azgpt"
-HTML_TYPES = ("text/html", "application/xhtml+xml")
-TEXT_TYPES = ("text/plain",)
-# RFC 9309 asks crawlers to read at least 500 KiB of robots.txt.
-ROBOTS_MAX_BYTES = 512 * 1024
 STATE = "state.sqlite"
 
 # Outcomes that are not errors: the page was not wanted or held nothing new.
@@ -52,6 +51,9 @@ SKIP_KINDS = {
     "duplicate_text",
     "duplicate_url",
     "noindex",
+    "mostly_links",
+    "private_address",
+    "crawl_delay_too_long",
 }
 
 
@@ -72,69 +74,20 @@ def user_agent(contact: str | None) -> str:
     return ua + (f"; +{contact})" if contact else ")")
 
 
-def normalize_url(url: str, base: str | None = None) -> str | None:
-    """Absolute http(s) URL with lower-case scheme and host, no default port, sorted query without
-    tracking parameters, no fragment; None for anything else (mailto:, javascript:, garbage)."""
-    from courlan import normalize_url as courlan_normalize
-
-    try:
-        if base is not None:
-            url = urljoin(base, url.strip())
-        url = urldefrag(url.strip())[0]
-        if urlsplit(url).scheme.lower() not in ("http", "https") or not urlsplit(url).hostname:
-            return None
-        return urldefrag(courlan_normalize(url))[0]
-    except ValueError:
-        return None
-
-
-def origin(url: str) -> str:
-    p = urlsplit(url)
-    return f"{p.scheme}://{p.netloc}"
-
-
-def site(url: str) -> str:
-    host = (urlsplit(url).hostname or "").lower()
-    return host[4:] if host.startswith("www.") else host
-
-
-def read_seeds(path: str | Path) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"URL file {p} does not exist; give a text file with one URL per line.")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UserError(f"URL file {p} is not UTF-8 text; give one URL per line.") from None
-    seeds: list[str] = []
-    for i, line in enumerate(lines, 1):
-        s = line.strip()
-        if not s or s.startswith("#"):
-            continue
-        u = normalize_url(s)
-        if u is None:
-            raise UserError(f"{p} line {i}: {s!r} is not an http(s) URL; fix or remove that line.")
-        if u not in seeds:
-            seeds.append(u)
-    if not seeds:
-        raise UserError(f"URL file {p} holds no URLs; put one http(s) URL per line.")
-    return seeds
-
-
 @dataclass
 class CrawlOptions:
     max_pages: int = 1000
-    """Stop after this many page requests (redirect hops counted, robots.txt not), over all
-    runs on one DIR."""
+    """Stop after this many page requests (redirect hops and retries counted, robots.txt not),
+    over all runs on one DIR."""
     delay: float = 1.0
-    """Least seconds between the end of one response and the next request to the same host;
+    """Least seconds between the end of one response and the next request to the same server;
     robots.txt may ask for more (crawl-delay, request-rate) and then wins."""
     same_site: bool = False
     """Follow links only to the seeds' sites (host without a leading www.)."""
     depth: int = 2
     """Follow links this many steps from a seed (0: fetch the seeds only)."""
     timeout: float = 20.0
-    """Seconds for connecting, for each read, and for the whole response."""
+    """Seconds for one response, wall clock: connecting, headers and body together."""
     max_bytes: int = 5_000_000
     """Largest page read, compressed and decompressed."""
     max_redirects: int = 5
@@ -143,17 +96,32 @@ class CrawlOptions:
     shard_pages: int = 1000
     """Records per output shard."""
     progress: bool = True
+    allow_private: bool = False
+    """Also fetch from private, loopback and link-local addresses (a crawl of one's own
+    network); off, such hosts are skipped, redirects to them too."""
+    max_crawl_delay: float = 300.0
+    """A host whose robots.txt asks for a longer crawl delay, or a 429/503 whose Retry-After is
+    longer, is skipped and counted."""
+    retry_base: float = 30.0
+    """First wait after a 429/503 without Retry-After or an unreachable robots.txt; doubles per
+    try."""
+    max_retries: int = 4
+    """Tries after the first, for a 429/503 page or an unreachable robots.txt."""
+    max_links: int = extract.MAX_LINKS
+    """Links kept per page."""
 
 
 @dataclass
 class CrawlReport:
     fetched: int = 0
-    """Page requests made (redirect hops counted, robots.txt not)."""
+    """Page requests made (redirect hops and retries counted, robots.txt not)."""
     written: int = 0
     bytes: int = 0
     """Body bytes received (after decompression)."""
     errors: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
+    retried: Counter = field(default_factory=Counter)
+    """Requests put back in the queue for later (429, 503, robots.txt unreachable)."""
     shards: int = 0
     queued: int = 0
     seconds: float = 0.0
@@ -165,39 +133,49 @@ class CrawlReport:
             f" ({self.bytes / 1e6:.2f} MB received, {self.queued:,} URLs left in the queue,"
             f" {self.seconds:.1f}s)"
         ]
-        for title, c in (("errors", self.errors), ("skipped", self.skipped)):
+        for title, c in (
+            ("errors", self.errors),
+            ("skipped", self.skipped),
+            ("retried", self.retried),
+        ):
             if c:
                 lines.append(f"{title}: " + ", ".join(f"{k}={v:,}" for k, v in sorted(c.items())))
         return "\n".join(lines)
 
 
-class FetchError(Exception):
-    def __init__(self, kind: str):
+class _Later(Exception):
+    """The URL's host cannot be asked now (robots.txt unreachable, 429/503): back in the queue."""
+
+    def __init__(self, kind: str, at: float, host_wide: bool = True):
         super().__init__(kind)
-        self.kind = kind
-
-
-@dataclass
-class Response:
-    url: str
-    status: int
-    content_type: str = ""
-    charset: str | None = None
-    body: bytes = b""
-    location: str | None = None
+        self.kind, self.at, self.host_wide = kind, at, host_wide
 
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS urls(
     id INTEGER PRIMARY KEY, url TEXT UNIQUE NOT NULL, depth INTEGER NOT NULL,
     done INTEGER NOT NULL DEFAULT 0, outcome TEXT);
-CREATE INDEX IF NOT EXISTS urls_todo ON urls(done, id);
 CREATE TABLE IF NOT EXISTS hosts(
     origin TEXT PRIMARY KEY, robots TEXT, last_start REAL DEFAULT 0, last_end REAL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS servers(
+    addr TEXT PRIMARY KEY, last_start REAL DEFAULT 0, last_end REAL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS texts(sha256 TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS pending(id INTEGER PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, n INTEGER NOT NULL);
 """
+# Columns added since the first state format; a crawl folder of that format is upgraded in place.
+_COLUMNS = {
+    "urls": (
+        ("host", "TEXT"),
+        ("not_before", "REAL NOT NULL DEFAULT 0"),
+        ("tries", "INTEGER NOT NULL DEFAULT 0"),
+    ),
+    "hosts": (
+        ("robots_fetched_at", "REAL"),
+        ("robots_tries", "INTEGER NOT NULL DEFAULT 0"),
+        ("robots_retry_at", "REAL NOT NULL DEFAULT 0"),
+    ),
+}
 
 
 def _fault(point: str) -> None:
@@ -206,24 +184,35 @@ def _fault(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """Seconds a Retry-After header asks for (delta-seconds or an HTTP date); None if absent or
+    unreadable."""
+    if not value:
+        return None
+    v = value.strip()
+    if v.isdigit():
+        return float(v)
+    try:
+        when = email.utils.parsedate_to_datetime(v)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - now)
+
+
 class Crawler:
     def __init__(self, out: str | Path, opts: CrawlOptions):
-        import urllib3
-
         self.out = Path(out)
         self.opts = opts
         self.ua = user_agent(opts.contact)
         self.db = self._open_db()
-        self.http = urllib3.PoolManager(
-            retries=False,
-            timeout=urllib3.Timeout(connect=opts.timeout, read=opts.timeout),
-            headers={
-                "User-Agent": self.ua,
-                "Accept": "text/html,application/xhtml+xml,text/plain;q=0.9,*/*;q=0.1",
-                "Accept-Encoding": "gzip, deflate",
-            },
-        )
-        self.robots: dict[str, object] = {}
+        self.net = Fetcher(self.ua, opts.timeout, opts.allow_private)
+        self.robots: dict[str, tuple[float, object]] = {}  # origin -> (fetched_at, rules)
+        self.addrs: dict[str, str] = {}  # origin -> the server of its last request
+        self.server_delay: dict[str, float] = {}  # server -> the longest delay asked for it
         self.sites: set[str] = set()
         self.requests = 0  # page requests made by the current step (redirect hops included)
 
@@ -238,6 +227,19 @@ class Crawler:
             # page the state has forgotten (one fsync per page; pages are seconds apart anyway).
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
+            for table, cols in _COLUMNS.items():
+                have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+                for name, decl in cols:
+                    if name not in have:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+            rows = db.execute("SELECT id, url FROM urls WHERE host IS NULL").fetchall()
+            if rows:
+                with db:
+                    db.execute("BEGIN")
+                    db.executemany(
+                        "UPDATE urls SET host=? WHERE id=?", [(origin(u), i) for i, u in rows]
+                    )
+            db.execute("CREATE INDEX IF NOT EXISTS urls_queue ON urls(done, host, id)")
         except (OSError, sqlite3.Error) as e:
             raise UserError(
                 f"cannot keep the crawl state in {self.out / STATE} ({e}); choose another --out."
@@ -262,24 +264,33 @@ class Crawler:
                 r.errors[name[6:]] = n
             elif name.startswith("skip:"):
                 r.skipped[name[5:]] = n
+            elif name.startswith("retry:"):
+                r.retried[name[6:]] = n
             elif name in ("fetched", "written", "bytes", "shards"):
                 setattr(r, name, n)
         r.queued = self.db.execute("SELECT count(*) FROM urls WHERE done=0").fetchone()[0]
         return r
 
+    def _enqueue(self, url: str, depth: int) -> None:
+        self.db.execute(
+            "INSERT OR IGNORE INTO urls(url, depth, host) VALUES(?, ?, ?)",
+            (url, depth, origin(url)),
+        )
+
     def add_seeds(self, seeds: list[str]) -> None:
         with self.db:
             self.db.execute("BEGIN")
             for u in seeds:
-                self.db.execute("INSERT OR IGNORE INTO urls(url, depth) VALUES(?, 0)", (u,))
+                self._enqueue(u, 0)
         self.sites = {site(u) for (u,) in self.db.execute("SELECT url FROM urls WHERE depth=0")}
 
     # ------------------------------------------------------------------ politeness
 
     def _host_delay(self, org: str) -> float:
-        rp = self.robots.get(org)
         d = self.opts.delay
-        if rp is not None:
+        cached = self.robots.get(org)
+        if cached is not None:
+            rp = cached[1]
             cd = rp.crawl_delay(UA_TOKEN)
             if cd:
                 d = max(d, float(cd))
@@ -288,57 +299,84 @@ class Crawler:
                 d = max(d, rr.seconds / rr.requests)
         return d
 
-    def _wait_for(self, org: str) -> None:
+    def _server_ready(self, addr: str, delay: float) -> float:
         row = self.db.execute(
-            "SELECT last_start, last_end FROM hosts WHERE origin=?", (org,)
+            "SELECT last_start, last_end FROM servers WHERE addr=?", (addr,)
         ).fetchone()
-        if row:
-            ready = max(row) + self._host_delay(org)
-            while (left := ready - time.time()) > 0:
-                time.sleep(min(left, 1.0))
+        return max(row) + delay if row else 0.0
+
+    def _wait_for(self, addr: str, delay: float) -> None:
+        ready = self._server_ready(addr, delay)
+        while (left := ready - time.time()) > 0:
+            time.sleep(min(left, 1.0))
 
     def _robots_for(self, url: str):
-        """The parsed robots.txt of the URL's origin, fetched once and kept in the state."""
-        from protego import Protego
-
+        """The parsed robots.txt of the URL's origin: kept in the state, fetched again after 24
+        hours. Raises _Later while it cannot be fetched (5xx, no answer), FetchError once that
+        has lasted `max_retries` tries."""
         org = origin(url)
-        if org in self.robots:
-            return self.robots[org]
-        row = self.db.execute("SELECT robots FROM hosts WHERE origin=?", (org,)).fetchone()
-        if row is None or row[0] is None:
-            status, body = self._get_robots(org)
-            # RFC 9309: a 4xx robots.txt means no rules; a server error or no answer means
-            # "assume everything is disallowed".
-            if 200 <= status < 300:
-                text = body
-            elif 400 <= status < 500:
-                text = ""
+        now = time.time()
+        cached = self.robots.get(org)
+        if cached is not None and now - cached[0] < ROBOTS_TTL:
+            return cached[1]
+        row = self.db.execute(
+            "SELECT robots, robots_fetched_at, robots_tries, robots_retry_at FROM hosts "
+            "WHERE origin=?",
+            (org,),
+        ).fetchone()
+        if row is not None and row[0] is not None and now - (row[1] or 0) < ROBOTS_TTL:
+            self.robots[org] = (row[1], parse_robots(row[0]))
+            return self.robots[org][1]
+        tries = row[2] if row is not None else 0
+        if tries > self.opts.max_retries:
+            raise FetchError("robots_unreachable")
+        if row is not None and row[3] > now:
+            raise _Later("robots_unavailable", row[3])
+        status, body = self._get_robots(org)
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("INSERT OR IGNORE INTO hosts(origin) VALUES(?)", (org,))
+            if 200 <= status < 300 or 400 <= status < 500:
+                # RFC 9309 2.3.1.3: a 4xx robots.txt means no rules.
+                text = robots_text(body) if status < 300 else ""
+                self.db.execute(
+                    "UPDATE hosts SET robots=?, robots_fetched_at=?, robots_tries=0, "
+                    "robots_retry_at=0 WHERE origin=?",
+                    (text, now, org),
+                )
             else:
-                text = "User-agent: *\nDisallow: /\n"
-            with self.db:
-                self.db.execute("BEGIN")
-                self.db.execute("INSERT OR IGNORE INTO hosts(origin) VALUES(?)", (org,))
-                self.db.execute("UPDATE hosts SET robots=? WHERE origin=?", (text, org))
-        else:
-            text = row[0]
-        self.robots[org] = Protego.parse(text)
-        return self.robots[org]
+                # RFC 9309 2.3.1.4: a server error or no answer: all disallowed while it lasts.
+                tries += 1
+                at = now + min(self.opts.retry_base * 2 ** (tries - 1), self.opts.max_crawl_delay)
+                self.db.execute(
+                    "UPDATE hosts SET robots=NULL, robots_tries=?, robots_retry_at=? "
+                    "WHERE origin=?",
+                    (tries, at, org),
+                )
+        if not (200 <= status < 300 or 400 <= status < 500):
+            if tries > self.opts.max_retries:
+                raise FetchError("robots_unreachable")
+            raise _Later("robots_unavailable", at)
+        self.robots[org] = (now, parse_robots(text))
+        return self.robots[org][1]
 
-    def _get_robots(self, org: str) -> tuple[int, str]:
+    def _get_robots(self, org: str) -> tuple[int, bytes]:
         """(status, body) of the origin's robots.txt; redirects followed (RFC 9309: at least
         five), also to another origin (http -> https is common); 0 when there is no answer."""
         url = org + "/robots.txt"
         for _ in range(self.opts.max_redirects + 1):
             try:
                 resp = self._request(url, ROBOTS_MAX_BYTES, robots=True)
-            except FetchError:
-                return 0, ""
+            except FetchError as e:
+                if e.kind == "private_address":
+                    raise
+                return 0, b""
             if resp.status not in (301, 302, 303, 307, 308):
-                return resp.status, resp.body.decode("utf-8", errors="replace")
+                return resp.status, resp.body
             url = normalize_url(resp.location or "", url)
             if url is None:
-                return 0, ""
-        return 0, ""
+                return 0, b""
+        return 0, b""
 
     def allowed(self, url: str) -> bool:
         return self._robots_for(url).can_fetch(url, UA_TOKEN)
@@ -346,98 +384,40 @@ class Crawler:
     # ------------------------------------------------------------------ HTTP
 
     def _request(self, url: str, cap: int, robots: bool = False) -> Response:
-        """One GET, after the host's delay; the body is read only for a 2xx text answer."""
-        import urllib3
-
+        """One GET, after the server's delay; the body is read only for a 2xx text answer (any
+        2xx answer for robots.txt, cut at `cap`)."""
         org = origin(url)
+        # The server is the address and port connected to: virtual hosts on one server share
+        # its delay, as do 127.0.0.1, 127.1 and localhost.
+        addr = self.net.address(url)  # FetchError for private addresses, before any wait
+        self.addrs[org] = addr
+        delay = self.opts.delay if robots else self._host_delay(org)
+        if delay > self.opts.max_crawl_delay:
+            raise FetchError("crawl_delay_too_long")
+        # The longest delay any of the server's hosts asks for holds for all of them, and for
+        # the robots.txt of a host not seen before.
+        delay = self.server_delay[addr] = max(delay, self.server_delay.get(addr, 0.0))
         if not robots:
-            self._robots_for(url)  # its crawl-delay sets the wait
             self.requests += 1
-        self._wait_for(org)
-        start = time.time()
-        self.db.execute("INSERT OR IGNORE INTO hosts(origin) VALUES(?)", (org,))
-        self.db.execute("UPDATE hosts SET last_start=? WHERE origin=?", (start, org))
-        try:
-            return self._read(url, cap, start, robots)
-        except urllib3.exceptions.TimeoutError:
-            raise FetchError("timeout") from None
-        except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError):
-            raise FetchError("connection") from None
-        except ValueError:  # a URL urllib3 cannot use (bad port, host that is not IDNA)
-            raise FetchError("bad_url") from None
-        finally:
-            self.db.execute("UPDATE hosts SET last_end=? WHERE origin=?", (time.time(), org))
+        self._wait_for(addr, delay)
+        self.db.execute("INSERT OR IGNORE INTO servers(addr) VALUES(?)", (addr,))
+        self.db.execute("UPDATE servers SET last_start=? WHERE addr=?", (time.time(), addr))
 
-    def _read(self, url: str, cap: int, start: float, robots: bool) -> Response:
-        resp = self.http.request(
-            "GET", url, preload_content=False, decode_content=False, redirect=False
-        )
-        try:
-            ctype = resp.headers.get("Content-Type", "")
-            mime = ctype.split(";")[0].strip().lower()
-            charset = None
-            for part in ctype.split(";")[1:]:
-                k, _, v = part.partition("=")
-                if k.strip().lower() == "charset":
-                    charset = v.strip().strip("\"'") or None
-            r = Response(url, resp.status, mime, charset, location=resp.headers.get("Location"))
-            if not 200 <= resp.status < 300:
-                return r
-            if not robots and mime not in HTML_TYPES + TEXT_TYPES:
+        def want_body(r: Response) -> bool:
+            if not 200 <= r.status < 300:
+                return False
+            if not robots and r.content_type not in HTML_TYPES + TEXT_TYPES:
                 raise FetchError("not_text")
-            length = resp.headers.get("Content-Length", "")
-            if length.isdigit() and int(length) > cap:
-                raise FetchError("too_large")
-            r.body = self._body(resp, cap, start)
-            return r
-        finally:
-            resp.release_conn() if resp.isclosed() else resp.close()
+            return True
 
-    def _body(self, resp, cap: int, start: float) -> bytes:
-        enc = resp.headers.get("Content-Encoding", "identity").strip().lower()
-        if enc == "gzip" or enc == "x-gzip":
-            dec = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        elif enc == "deflate":
-            dec = zlib.decompressobj()
-        elif enc in ("identity", ""):
-            dec = None
-        else:
-            raise FetchError("unsupported_encoding")
-        raw = 0
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            if time.time() - start > self.opts.timeout:
-                raise FetchError("timeout")
-            chunk = resp.read1(65536)
-            if not chunk:
-                break
-            raw += len(chunk)
-            if raw > cap:
-                raise FetchError("too_large")
-            if dec is None:
-                parts.append(chunk)
-                size += len(chunk)
-                continue
-            # Never inflate more than the room left plus one byte: a gzip bomb stops at the cap.
-            buf = chunk
-            while buf:
-                try:
-                    piece = dec.decompress(buf, cap - size + 1)
-                except zlib.error:
-                    raise FetchError("bad_encoding") from None
-                size += len(piece)
-                parts.append(piece)
-                if size > cap:
-                    raise FetchError("too_large")
-                buf = dec.unconsumed_tail
-            if size > cap:
-                raise FetchError("too_large")
-        return b"".join(parts)
+        try:
+            return self.net.get(url, addr, cap, want_body, truncate=robots)
+        finally:
+            self.db.execute("UPDATE servers SET last_end=? WHERE addr=?", (time.time(), addr))
 
     def fetch(self, url: str) -> tuple[Response, list[str]]:
-        """GET with redirects followed by hand (each hop checked against robots.txt and the
-        site limit, loops caught). Returns the final response and the URLs of the chain."""
+        """GET with redirects followed by hand (each hop checked against robots.txt, the site
+        limit and the address rule, loops caught). Returns the final response and the chain."""
         chain = [url]
         cur = url
         for _ in range(self.opts.max_redirects + 1):
@@ -460,46 +440,23 @@ class Crawler:
             cur = nxt
         raise FetchError("too_many_redirects")
 
+    def _retry(self, uid: int, resp: Response) -> None:
+        """A 429/503: _Later with its Retry-After or the backoff, or FetchError when the tries
+        are used up or the server asks for longer than max_crawl_delay."""
+        tries = self.db.execute("SELECT tries FROM urls WHERE id=?", (uid,)).fetchone()[0] + 1
+        now = time.time()
+        asked = retry_after_seconds(resp.retry_after, now)
+        if asked is not None and asked > self.opts.max_crawl_delay:
+            raise FetchError("retry_after_too_long")
+        if tries > self.opts.max_retries:
+            raise FetchError(f"http_{resp.status}")
+        wait = max(asked or 0.0, self.opts.retry_base * 2 ** (tries - 1))
+        raise _Later(f"http_{resp.status}", now + min(wait, self.opts.max_crawl_delay))
+
     # ------------------------------------------------------------------ pages
 
-    def parse(self, resp: Response) -> tuple[dict | None, list[str], str | None]:
-        """(record fields or None, outgoing links, skip kind) for a 2xx text response."""
-        if b"\x00" in resp.body[:4096]:
-            return None, [], "not_text"
-        if resp.content_type in TEXT_TYPES:
-            text = _decode(resp.body, resp.charset)
-            return {"title": None, "date": None, "text": text.strip()}, [], None
-        import trafilatura
-        from trafilatura.utils import decode_file, load_html
-
-        html = _decode(resp.body, resp.charset) if resp.charset else decode_file(resp.body)
-        tree = load_html(html)
-        if tree is None:
-            return None, [], "no_text"
-        meta = " ".join(tree.xpath('//meta[@name="robots" or @name="azgpt"]/@content')).lower()
-        links: list[str] = []
-        if "nofollow" not in meta and "none" not in meta:
-            tree.make_links_absolute(resp.url, resolve_base_href=True, handle_failures="discard")
-            for a in tree.iter("a"):
-                href = a.get("href")
-                if href and "nofollow" not in (a.get("rel") or "").lower():
-                    u = normalize_url(href)
-                    if u and u not in links:
-                        links.append(u)
-        if "noindex" in meta or "none" in meta:
-            return None, links, "noindex"
-        out = trafilatura.extract(
-            tree,
-            url=resp.url,
-            output_format="json",
-            with_metadata=True,
-            include_comments=False,
-            include_tables=False,
-            deduplicate=False,
-        )
-        doc = json.loads(out) if out else {}
-        text = (doc.get("text") or doc.get("raw_text") or "").strip()
-        return {"title": doc.get("title"), "date": doc.get("date"), "text": text}, links, None
+    def parse(self, resp: Response):
+        return extract.parse(resp, self.opts.max_links)
 
     def step(self, uid: int, url: str, depth: int) -> None:
         """Fetch one queued URL and commit everything it produced in one transaction."""
@@ -507,9 +464,12 @@ class Crawler:
         record = None
         links: list[str] = []
         nbytes = 0
+        later = None
         self.requests = 0
         try:
             resp, chain = self.fetch(url)
+            if resp.status in (429, 503):
+                self._retry(uid, resp)
             if resp.status >= 400 or resp.status < 200:
                 kind = f"http_{resp.status}"
             elif 300 <= resp.status < 400:
@@ -526,6 +486,8 @@ class Crawler:
                     record = {"url": chain[-1], **fields}
         except FetchError as e:
             kind = e.kind
+        except _Later as e:
+            kind, later = None, e
         sha = None
         if record is not None:
             sha = hashlib.sha256(record["text"].encode("utf-8")).hexdigest()
@@ -533,11 +495,21 @@ class Crawler:
                 record, kind = None, "duplicate_text"
         with self.db:
             self.db.execute("BEGIN")
-            for u in chain:
-                self.db.execute("INSERT OR IGNORE INTO urls(url, depth) VALUES(?, ?)", (u, depth))
-                self.db.execute("UPDATE urls SET done=1, outcome=? WHERE url=?", (kind or "ok", u))
             if self.requests:
                 self._count("fetched", self.requests)
+            if later is not None:
+                # Back in the queue; the host's other URLs wait as long (the server is busy, or
+                # robots.txt cannot be read, which means all is disallowed until it can).
+                self._count("retry:" + later.kind)
+                self.db.execute("UPDATE urls SET tries=tries+1 WHERE id=?", (uid,))
+                self.db.execute(
+                    "UPDATE urls SET not_before=max(not_before, ?) WHERE host=? AND done=0",
+                    (later.at, origin(url)),
+                )
+                return
+            for u in chain:
+                self._enqueue(u, depth)
+                self.db.execute("UPDATE urls SET done=1, outcome=? WHERE url=?", (kind or "ok", u))
             if nbytes:
                 self._count("bytes", nbytes)
             if kind:
@@ -555,9 +527,7 @@ class Crawler:
                 for link in links:
                     if self.opts.same_site and site(link) not in self.sites:
                         continue
-                    self.db.execute(
-                        "INSERT OR IGNORE INTO urls(url, depth) VALUES(?, ?)", (link, depth + 1)
-                    )
+                    self._enqueue(link, depth + 1)
         _fault("after_page_commit")
 
     def seal(self, force: bool = False) -> None:
@@ -584,38 +554,34 @@ class Crawler:
             self.db.execute("DELETE FROM pending WHERE id <= ?", (rows[-1][0],))
             self._count("shards")
 
-    def next_url(self) -> tuple[int, str, int] | None:
-        """The oldest queued URL (of the next 200) whose host may be asked now, else the one
-        whose host is ready first: one slow host does not hold up the others."""
+    def next_url(self) -> tuple[int, str, int] | float | None:
+        """The oldest queued URL of the host that may be asked soonest (one row per host, so a
+        slow host never holds up the others); the time to wait until one may be asked, when
+        every queued URL waits for a retry; None when the queue is empty."""
+        now = time.time()
         rows = self.db.execute(
-            "SELECT id, url, depth FROM urls WHERE done=0 ORDER BY id LIMIT 200"
+            "SELECT host, min(id) FROM urls WHERE done=0 AND not_before <= ? GROUP BY host",
+            (now,),
         ).fetchall()
         if not rows:
-            return None
-        now = time.time()
-        best, best_ready = rows[0], float("inf")
-        for row in rows:
-            org = origin(row[1])
-            h = self.db.execute(
-                "SELECT last_start, last_end FROM hosts WHERE origin=?", (org,)
-            ).fetchone()
-            ready = max(h) + self._host_delay(org) if org in self.robots and h else now
-            if ready <= now:
-                return row
-            if ready < best_ready:
-                best, best_ready = row, ready
-        return best
+            row = self.db.execute("SELECT min(not_before) FROM urls WHERE done=0").fetchone()
+            return None if row[0] is None else row[0]
+        best, best_ready = None, float("inf")
+        for host, uid in rows:
+            addr = self.addrs.get(host)
+            if addr:
+                delay = max(self._host_delay(host), self.server_delay.get(addr, 0.0))
+                ready = self._server_ready(addr, delay)
+            else:
+                ready = 0.0
+            if ready < best_ready or (ready == best_ready and uid < best[0]):
+                best, best_ready = (uid, host), ready
+        uid = best[0]
+        return self.db.execute("SELECT id, url, depth FROM urls WHERE id=?", (uid,)).fetchone()
 
     def close(self) -> None:
-        self.http.clear()
+        self.net.close()
         self.db.close()
-
-
-def _decode(body: bytes, charset: str | None) -> str:
-    try:
-        return body.decode(charset or "utf-8", errors="replace")
-    except LookupError:
-        return body.decode("utf-8", errors="replace")
 
 
 def _lock(out: Path):
@@ -645,6 +611,7 @@ def run_crawl(urls_file: str | Path, out: str | Path, opts: CrawlOptions) -> Cra
         ("--delay", opts.delay, 0.0),
         ("--timeout", opts.timeout, 1e-3),
         ("--max-bytes", opts.max_bytes, 1),
+        ("--max-crawl-delay", opts.max_crawl_delay, 0.0),
     ):
         if not v >= low:
             raise UserError(f"{name} must be at least {low}, got {v}.")
@@ -679,6 +646,9 @@ def run_crawl(urls_file: str | Path, out: str | Path, opts: CrawlOptions) -> Cra
             job = crawler.next_url()
             if job is None:
                 break
+            if isinstance(job, float):  # every queued URL waits for a retry
+                time.sleep(min(max(job - time.time(), 0.0), 1.0))
+                continue
             before = crawler.counter("fetched")
             crawler.step(*job)
             crawler.seal()
