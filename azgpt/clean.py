@@ -219,16 +219,32 @@ def run_clean(
                     doc_written = True
                     report.bytes_out += len(data.encode("utf-8"))
             if report.documents_out == 0:
-                raise UserError(
-                    f"no documents are left after cleaning {', '.join(map(str, inputs))}; "
-                    "check the input language or lower --min-az-share (or pass --no-filter)."
-                )
+                raise UserError(_nothing_left(inputs, report, filter, text_field))
             f.write("\n")
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _nothing_left(inputs: list[str], report: CleanReport, filter: bool, text_field: str) -> str:
+    """The one sentence for an empty result, true to what happened and to the options given."""
+    where = ", ".join(map(str, inputs))
+    if report.documents_in == 0:
+        missing = report.input.get("missing_text_field", 0)
+        held = f" ({missing:,} records have it empty or null)" if missing else ""
+        return (
+            f"no record of {where} has text in the field {text_field!r}{held}; "
+            "choose the text field with --text-field."
+        )
+    reasons = ", ".join(f"{k}={v:,}" for k, v in sorted(report.dropped.items()))
+    if not filter:
+        return f"every document of {where} is empty after cleaning ({reasons}); check the input."
+    hint = "lower --min-az-share or pass --no-filter"
+    if any(k.startswith("quality:") for k in report.dropped):
+        hint += " (--quality off keeps what the web-quality rules dropped)"
+    return f"no documents are left after cleaning {where} (dropped: {reasons}); {hint}."
 
 
 def _count_site_lines(files: list[Path], text_field: str) -> LineFilter | None:

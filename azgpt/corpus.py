@@ -308,7 +308,7 @@ def _iter_parquet(p: Path, stats: Counter, text_field: str) -> Iterator[tuple[st
         pf = pq.ParquetFile(p)
         schema = pf.schema_arrow
     except (pa.ArrowException, OSError) as e:
-        raise UserError(f"cannot read Parquet file {p} ({e}); check the file.") from None
+        raise _parquet_error(p, e) from None
 
     def is_text(t) -> bool:
         if pa.types.is_dictionary(t):
@@ -341,7 +341,17 @@ def _iter_parquet(p: Path, stats: Counter, text_field: str) -> Iterator[tuple[st
                         continue
                     yield text, _site(url)
     except (pa.ArrowException, OSError) as e:
-        raise UserError(f"cannot read Parquet file {p} ({e}); check the file.") from None
+        raise _parquet_error(p, e) from None
+
+
+def _parquet_error(p: Path, e: Exception) -> UserError:
+    """One sentence for a Parquet file Arrow cannot read (its messages run over several lines,
+    e.g. a damaged footer's "Couldn't deserialize thrift: ...")."""
+    detail = " ".join(str(e).split())[:120].rstrip(".")
+    return UserError(
+        f"cannot read Parquet file {p} ({detail}): it is damaged or truncated; copy or download "
+        "it again."
+    )
 
 
 # ----------------------------------------------------------------------------- MediaWiki dumps

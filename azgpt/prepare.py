@@ -25,7 +25,14 @@ from . import __version__
 from .corpus import continues, discover, iter_corpus, ordered_map, worker_context
 from .data import MANIFEST, _chunked_max
 from .errors import UserError
-from .fsutil import atomic_path, fsync_dir, is_disk_full, remove_if_left_empty, sha256_file
+from .fsutil import (
+    _umask,
+    atomic_path,
+    fsync_dir,
+    is_disk_full,
+    remove_if_left_empty,
+    sha256_file,
+)
 from .tokenizer import (
     PIECE_CHARS,
     eot_id,
@@ -276,6 +283,7 @@ def run_prepare(
                 prefix=f".{s}.npy.{os.getpid()}.", suffix=".tmp", dir=out_dir
             )
             os.close(fd)
+            os.chmod(name, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the umask
             tmp[s] = Path(name)
         writers = {s: NpyWriter(p) for s, p in tmp.items()}
         n_docs = {"train": 0, "val": 0}

@@ -291,6 +291,20 @@ def test_prepare_cli(capsys, tmp_path, sample_dir, tokenizer_dir, prepared_dir):
     assert m["azgpt_version"] == __version__
 
 
+def test_prepare_outputs_follow_the_umask(capsys, tmp_path, sample_dir, tokenizer_dir):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "data"
+        argv = ["prepare", sample_dir, "--tokenizer", tokenizer_dir, "--out", out, "--workers", "1"]
+        run_ok(capsys, argv)
+    finally:
+        os.umask(old)
+    for name in ("train.npy", "val.npy", "manifest.json"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name
+
+
 def test_prepare_cli_auto_backend_from_clean_output(
     capsys, tmp_path, sample_dir, tokenizer_dir, tok
 ):

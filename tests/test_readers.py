@@ -284,3 +284,25 @@ def test_missing_extra_names_the_install(capsys, tmp_path, monkeypatch, wiki_bz2
     argv = ["clean", src, "--out", out, "--text-field", "content", "--workers", "1"]
     one_sentence_error(capsys, argv, module, "pip install azgpt[crawl]")
     assert not out.exists()
+
+
+def test_damaged_parquet_footer_is_one_sentence(capsys, tmp_path):
+    p = write_parquet(tmp_path / "x.parquet", ROWS)
+    data = bytearray(p.read_bytes())
+    data[-60:-8] = b"A" * 52  # the footer's metadata, between its start and the length field
+    p.write_bytes(bytes(data))
+    out = tmp_path / "o.txt"
+    err = one_sentence_error(capsys, ["clean", p, "--out", out, "--workers", "1"], p, "damaged")
+    assert "thrift" not in err.split("(", 1)[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("no_filter", [True, False])
+def test_all_null_text_column_names_the_field_not_no_filter(capsys, tmp_path, no_filter):
+    p = tmp_path / "n.parquet"
+    pq.write_table(pa.table({"text": pa.array([None, None, None], pa.string())}), p)
+    out = tmp_path / "o.txt"
+    argv = ["clean", p, "--out", out, "--workers", "1"] + (["--no-filter"] if no_filter else [])
+    err = one_sentence_error(capsys, argv, p, "'text'", "3 records", "--text-field")
+    assert "--no-filter" not in err
+    assert not out.exists()
