@@ -6,6 +6,7 @@ of the wrong type raise `ConfigError` naming the key and what is valid.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import tomllib
 import typing
@@ -150,7 +151,14 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
     max_iters: int = 5000
-    """Optimizer steps in the whole run."""
+    """Optimizer steps in the whole run (derived from train.tokens when that is set)."""
+    tokens: int = 0
+    """Tokens the whole run trains on; sets max_iters = ceil(tokens / tokens per step). 0: the
+    run is sized by max_iters. Both given and disagreeing is refused."""
+    batch_tokens: int = 0
+    """Tokens per optimizer step over all processes (the global batch); sets grad_accum =
+    batch_tokens / (batch_size x block_size x processes), which must divide evenly. 0: the
+    global batch is batch_size x block_size x grad_accum x processes."""
     lr: float = 6e-4
     """Peak learning rate."""
     min_lr: float = 6e-5
@@ -214,6 +222,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be a positive integer, got {v}.")
         for name in (
             "eval_iters",
+            "tokens",
+            "batch_tokens",
             "warmup_iters",
             "keep_last",
             "sample_tokens",
@@ -379,9 +389,42 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str, str]]:
     return out
 
 
+def size_run(cfg: RunConfig, world: int, explicit: set[str] | None = None) -> RunConfig:
+    """Resolve a run sized in tokens for `world` processes: grad_accum from train.batch_tokens,
+    max_iters from train.tokens. `explicit`: the keys the file or command line set (a value
+    that was set and disagrees with the derived one is refused; a default is replaced)."""
+    tc, T = cfg.train, cfg.model.block_size
+    explicit = getattr(cfg, "explicit", set()) if explicit is None else explicit
+    micro = tc.batch_size * T * world
+    if tc.batch_tokens:
+        if tc.batch_tokens % micro:
+            raise ConfigError(
+                f"train.batch_tokens={tc.batch_tokens:,} is not a multiple of train.batch_size x "
+                f"model.block_size x {world} process(es) = {micro:,}; choose a multiple of it."
+            )
+        accum = tc.batch_tokens // micro
+        if "train.grad_accum" in explicit and tc.grad_accum != accum:
+            raise ConfigError(
+                f"train.grad_accum={tc.grad_accum} disagrees with train.batch_tokens={tc.batch_tokens:,} "
+                f"({accum} on {world} process(es)); set only one of them."
+            )
+        tc.grad_accum = accum
+    step = tc.batch_size * T * tc.grad_accum * world
+    if tc.tokens:
+        iters = -(-tc.tokens // step)
+        if "train.max_iters" in explicit and tc.max_iters != iters:
+            raise ConfigError(
+                f"train.max_iters={tc.max_iters:,} disagrees with train.tokens={tc.tokens:,} "
+                f"({iters:,} steps of {step:,} tokens); set only one of them."
+            )
+        tc.max_iters = iters
+    return cfg
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Build a validated RunConfig from defaults, an optional TOML file and CLI overrides."""
     cfg = RunConfig()
+    explicit: set[str] = set()
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -399,7 +442,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 )
             for key, value in table.items():
                 _apply(cfg, section, key, value, from_cli=False)
+                explicit.add(f"{section}.{key}")
     for section, key, value in parse_overrides(overrides or []):
         _apply(cfg, section, key, value, from_cli=True)
+        explicit.add(f"{section}.{key}")
     cfg.validate()
+    cfg.explicit = explicit  # which keys were set, for size_run (not part of the saved config)
+    size_run(copy.deepcopy(cfg), 1)  # refuse a disagreement before anything starts
     return cfg

@@ -4,6 +4,7 @@ a checkpoint on resume), and `Run`, which the loop in train.py carries from step
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 
 from .checkpoint import clean_stale_temps, load_weights, read_trainer_state
-from .config import RunConfig
+from .config import ConfigError, RunConfig, size_run
 from .data import BatchSource, TokenBatches, TokenData
 from .errors import UserError
 from .hardware import choose_mixed_precision, compile_mode
@@ -118,6 +119,13 @@ def make_accelerator(cfg: RunConfig):
                 "train.tensorboard=true needs TensorBoard; install it with `pip install azgpt[tensorboard]`."
             )
     fsdp = fsdp_mod.requested()  # before Accelerator(): azgpt shards, Accelerate must not
+    # A run sized in tokens needs the process count for grad_accum and max_iters; launchers
+    # (accelerate launch, torchrun) say it in WORLD_SIZE.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        size_run(cfg, world)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
     accelerator = Accelerator(
         gradient_accumulation_steps=tc.grad_accum,
         mixed_precision=precision,
@@ -125,6 +133,11 @@ def make_accelerator(cfg: RunConfig):
         log_with="tensorboard" if tc.tensorboard else None,
         project_dir=tc.out_dir if tc.tensorboard else None,
     )
+    if accelerator.num_processes != world:
+        raise UserError(
+            f"WORLD_SIZE says {world} process(es) but {accelerator.num_processes} started; "
+            "launch with accelerate launch or torchrun, which set it."
+        )
     if accelerator.device.type == "cuda":
         # TF32 matmuls: ~2x on fp32 work (bf16 autocast leaves a few fp32 ops) at no loss cost.
         torch.backends.cuda.matmul.allow_tf32 = True

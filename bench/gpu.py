@@ -88,6 +88,9 @@ def run_shape(cfg_path, tok, data, out, batch, block, steps, compile_mode, extra
         f"--train.batch_size={batch}",
         f"--model.block_size={block}",
         f"--train.max_iters={steps}",
+        "--train.tokens=0",  # a benchmark is sized in steps of one micro-batch
+        "--train.batch_tokens=0",
+        "--train.grad_accum=1",
         f"--train.eval_interval={steps}",
         "--train.eval_iters=0",
         "--train.sample_tokens=0",

@@ -5,6 +5,7 @@ step, every shipped config, and a golden loss curve."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -19,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainkit import ROOT, losses, make_data, tiny_config, tiny_overrides
+from trainkit import ROOT, losses, make_data, tiny_config, tiny_overrides, train_cli
 
-from azgpt.config import load_config
+from azgpt.config import load_config, size_run
 from azgpt.data import TokenBatches, TokenData
 from azgpt.errors import UserError
 from azgpt.model import GPT, GPTConfig
@@ -446,10 +447,18 @@ def test_every_shipped_config_parses():
 
     tomls = sorted((ROOT / "configs").glob("*.toml"))
     assert len(tomls) >= 4
+    assert ROOT / "configs/seed_day21.toml" in tomls
     for p in tomls:
         cfg = load_config(p)
         assert cfg.model.n_embd % cfg.model.n_head == 0, p
         GPTConfig(**cfg.model.to_dict()).validate()
+        for world in (1, 2, 8):  # a run sized in tokens resolves on 1 GPU and on 8
+            r = size_run(copy.deepcopy(cfg), world)
+            step = r.train.batch_size * r.model.block_size * r.train.grad_accum * world
+            if cfg.train.tokens:
+                assert 0 <= step * r.train.max_iters - cfg.train.tokens < step, p
+            if cfg.train.batch_tokens:
+                assert step == cfg.train.batch_tokens, p
         with open(p, "rb") as f:
             assert set(tomllib.load(f)) <= {"model", "data", "train"}, p
     for p in sorted((ROOT / "configs/accelerate").glob("*.yaml")):
@@ -459,13 +468,49 @@ def test_every_shipped_config_parses():
             assert y["fsdp_config"]["fsdp_version"] == 2, p  # azgpt shards with fully_shard
 
 
+def test_seed_day21_is_the_lessons_run():
+    cfg = load_config(ROOT / "configs/seed_day21.toml")
+    tc = cfg.train
+    assert (tc.batch_size, cfg.model.block_size, tc.lr, tc.max_iters) == (12, 512, 6e-4, 5000)
+    assert load_config(ROOT / "configs/gpt100m.toml").model == cfg.model
+
+
+def test_runs_sized_in_tokens(data, tmp_path):
+    """train.tokens sets max_iters and train.batch_tokens sets grad_accum for the process count;
+    a disagreeing max_iters or grad_accum, or a global batch that does not divide, is refused in
+    one sentence."""
+    from azgpt.config import ConfigError
+
+    tok, d = data
+    over = {"train.tokens": 5000, "train.batch_tokens": 256, "train.eval_interval": 10}
+    cfg = tiny_config(tok, d, tmp_path / "r", **over, **{"train.max_iters": 20})  # agrees
+    res = train(cfg)
+    assert cfg.train.grad_accum == 2 and res.step == 20  # 4 x 32 x 2 = 256; ceil(5000 / 256)
+    meta = json.loads((tmp_path / "r" / "last" / "meta.json").read_text())
+    assert meta["tokens_seen"] == 20 * 256 and meta["config"]["train"]["max_iters"] == 20
+    two = copy.deepcopy(cfg)
+    two.train.max_iters = 999  # a default (not set by the user) is replaced
+    r2 = size_run(two, 2, explicit=set())
+    assert r2.train.grad_accum == 1 and r2.train.max_iters == 20  # same global batch on 2
+    with pytest.raises(ConfigError, match="train.max_iters=12 disagrees with train.tokens"):
+        load_config(None, tiny_overrides(tok, d, tmp_path / "x", **over))  # max_iters 12
+    with pytest.raises(ConfigError, match="train.grad_accum=3 disagrees"):
+        load_config(None, ["--train.batch_tokens=256", "--train.grad_accum=3",
+                           "--train.batch_size=4", "--model.block_size=32"])  # fmt: skip
+    with pytest.raises(ConfigError, match="not a multiple of"):
+        size_run(load_config(None, ["--train.batch_tokens=1000"]), 1)
+    r = train_cli(tok, d, tmp_path / "y", **{**over, "train.grad_accum": 2, "train.max_iters": 7})
+    assert r.returncode == 2 and "disagrees with train.tokens" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_gpt100m_4gb_is_the_gpt100m_model_in_a_small_memory_budget():
     big = load_config(ROOT / "configs/gpt100m.toml")
     small = load_config(ROOT / "configs/gpt100m_4gb.toml")
     for k in ("n_layer", "n_head", "n_embd", "vocab_size"):
         assert getattr(small.model, k) == getattr(big.model, k)
     assert small.model.block_size == 256
-    assert (small.train.batch_size, small.train.grad_accum) == (4, 4)
+    assert small.train.batch_size == 4 and small.train.tokens == big.train.tokens
     assert small.train.mixed_precision == "auto"  # fp16 where bf16 is not native
     assert "peak" in (ROOT / "configs/gpt100m_4gb.toml").read_text()
 
