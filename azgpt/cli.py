@@ -267,11 +267,14 @@ def cmd_export(a) -> int:
             tokenizer=a.tokenizer,
             modelfile=a.modelfile,
             force=a.force,
+            system=a.system,
         )
         print(f"exported a {a.quant or 'f16'} GGUF for llama.cpp to {path}; Ollama: {mf}")
         return 0
-    if a.quant or a.modelfile:
-        raise UserError("--quant and --modelfile apply to --format gguf only; add --format gguf.")
+    if a.quant or a.modelfile or a.system is not None:
+        raise UserError(
+            "--quant, --modelfile and --system apply to --format gguf only; add --format gguf."
+        )
     from .export import export_hf
 
     path = export_hf(a.ckpt, a.out, tokenizer=a.tokenizer, force=a.force)
@@ -559,12 +562,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="GGUF weight type (default f16; q4_k_m needs llama-cpp-python)",
     )
     x.add_argument(
-        "--modelfile", help="Ollama Modelfile to write (default: Modelfile beside --out)"
+        "--modelfile",
+        help="Ollama Modelfile to write (default: Modelfile beside --out, or NAME.Modelfile "
+        "when that one serves another GGUF)",
     )
+    x.add_argument("--system", help="the Modelfile's SYSTEM prompt (chat models only)")
     x.add_argument(
         "--tokenizer", help="tokenizer folder (default: the one recorded in the checkpoint)"
     )
-    x.add_argument("--force", action="store_true", help="overwrite an existing output")
+    x.add_argument(
+        "--force", action="store_true", help="replace an earlier azgpt export (never other files)"
+    )
     x.set_defaults(fn=cmd_export)
 
     r = sub.add_parser("report", help="a markdown report with plots from a run folder")
@@ -621,7 +629,8 @@ def _add_ctx_dtype(p) -> None:
     p.add_argument(
         "--dtype",
         default="auto",
-        help="auto (bfloat16 on a GPU that has it, float32 on CPU), float32, bfloat16 or float16",
+        help="auto (bfloat16 on a GPU that has it, float32 on CPU), float32, bfloat16, float16 "
+        "or int8 (CPU: int8 weights per output channel)",
     )
 
 

@@ -278,15 +278,35 @@ def check_kv_memory(cfg, rows: int, ctx: int, dtype, device, *, rows_option="--m
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`--dtype`: auto (bfloat16 on a CUDA GPU that has it, else float32), or a name."""
+def pick_dtype(name: str, device: torch.device) -> torch.dtype | str:
+    """`--dtype`: auto (bfloat16 on a CUDA GPU that has it, else float32), a torch dtype's
+    name, or int8 (CPU: every Linear's weights in int8 per output channel, activations
+    quantized on the fly)."""
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
+    if name == "int8":
+        if device.type != "cpu":
+            raise UserError("--dtype int8 runs on the CPU only; use --device cpu or bfloat16.")
+        return "int8"
     if name not in DTYPES:
-        raise UserError(f"--dtype {name!r} is not known; use auto, {', '.join(DTYPES)}.")
+        raise UserError(f"--dtype {name!r} is not known; use auto, {', '.join(DTYPES)} or int8.")
     return DTYPES[name]
+
+
+def cast_model(model, name: str, device: torch.device):
+    """The model in `--dtype` (a new module for int8; the same one cast otherwise)."""
+    dtype = pick_dtype(name, device)
+    if dtype != "int8":
+        return model.to(dtype)
+    import warnings
+
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's notice that torchao is its successor
+        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig})
 
 
 # ----------------------------------------------------------------------------- events
@@ -379,7 +399,7 @@ class Decoder:
         self.model = model.eval()
         self.config = model.config
         self.ctx = check_ctx(model.config, ctx)
-        self.device = model.lm_head.weight.device
+        self.device = model.transformer.wte.weight.device
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self.tokenizer = tokenizer
@@ -392,7 +412,7 @@ class Decoder:
         } & set(range(self.n_valid))
         self.banned = torch.tensor(sorted(self.specials), dtype=torch.long)
         self.eot = tokenizer.token_to_id(EOT)
-        dtype = model.lm_head.weight.dtype
+        dtype = model.transformer.wte.weight.dtype
         check_kv_memory(model.config, max_batch, self.ctx, dtype, self.device)
         # Allocated outside inference mode: rows are reset and swapped outside it too.
         self.cache = KVCache(self.config, max_batch, self.ctx, device=self.device, dtype=dtype)
@@ -644,7 +664,7 @@ def generate_tokens(
             logits = model(idx[:, start:], last_only=True)
         elif cache is None or new_start != start:
             start = new_start
-            dtype = model.lm_head.weight.dtype
+            dtype = model.transformer.wte.weight.dtype
             cache = KVCache(model.config, B, ctx, device=idx.device, dtype=dtype)
             logits = model(idx[:, start:], cache=cache, last_only=True)
         else:

@@ -8,7 +8,7 @@ import sys
 
 from .checkpoint import checkpoint_tokenizer, load_model, pick_device
 from .errors import UserError
-from .generate import DEFAULTS, Chunk, SamplingError, SamplingParams, generate_events, pick_dtype
+from .generate import DEFAULTS, Chunk, SamplingError, SamplingParams, cast_model, generate_events
 from .generate import prompt_ids as _prompt_ids
 
 # The defaults of `azgpt.generate.SamplingParams`, by the names the Modelfile, the transformers
@@ -67,7 +67,7 @@ def run_sample(
     out = out or sys.stdout
     dev = pick_device(device)
     model, meta = load_model(ckpt, dev)
-    model.to(pick_dtype(dtype, dev)).eval()
+    model = cast_model(model, dtype, dev).eval()
     tok, _, _ = checkpoint_tokenizer(ckpt, meta, tokenizer)
     ids = _prompt_ids(tok, prompt)
     texts = []

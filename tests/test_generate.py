@@ -386,3 +386,26 @@ def test_run_sample_uses_the_same_path(tok, tmp_path):
     t2 = load_tokenizer(tok_dir)
     params = SamplingParams(max_tokens=30, seed=9, temperature=1.0)
     assert text == "Bakı" + "".join(stream_text(model, t2, prompt_ids(t2, "Bakı"), params))
+
+
+def test_int8_dtype_quantizes_every_linear_and_decodes(tok):
+    """`--dtype int8`: the path meant (torch's dynamic int8 Linear, per output channel) ran,
+    its logits stay near fp32's, and the shared decoder runs it."""
+    from azgpt.generate import cast_model
+
+    for kw in ({}, {"arch": "llama", "n_kv_head": 1, "bias": False}):
+        model = small(tok, n_embd=64, **kw)
+        q = cast_model(model, "int8", torch.device("cpu"))
+        assert not any(type(m) is torch.nn.Linear for m in q.modules())
+        qlinear = torch.ao.nn.quantized.dynamic.Linear
+        n_linear = sum(type(m) is torch.nn.Linear for m in model.modules())
+        assert sum(isinstance(m, qlinear) for m in q.modules()) == n_linear
+        x = torch.randint(0, 500, (1, 20))
+        with torch.inference_mode():
+            a, b = model(x), q(x)
+        assert ((a - b).abs().max() / a.abs().max()).item() < 0.05
+        params = SamplingParams(max_tokens=20, temperature=0.8, seed=1, ignore_eos=True)
+        fin = list(generate_events(q, tok, prompt_ids(tok, PROMPT), params))[-1]
+        assert fin.reason == "length" and fin.completion_tokens == 20
+    with pytest.raises(UserError, match="--dtype"):
+        cast_model(small(tok), "int4", torch.device("cpu"))

@@ -192,7 +192,7 @@ def serve(
     import uvicorn
 
     from ..checkpoint import checkpoint_tokenizer, load_model, pick_device
-    from ..generate import pick_dtype
+    from ..generate import cast_model
 
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key is empty; pass a non-empty key or leave the option out.")
@@ -203,7 +203,7 @@ def serve(
     try:
         dev = pick_device(device)
         model, meta = load_model(ckpt, dev)
-        model.to(pick_dtype(dtype, dev))
+        model = cast_model(model, dtype, dev)
         tok, _, _ = checkpoint_tokenizer(ckpt, meta, tokenizer)
         engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue, ctx=ctx)
         app = create_app(
@@ -216,7 +216,7 @@ def serve(
     real_port = sock.getsockname()[1]
     print(
         f"azgpt serve: {name} ({model.num_params() / 1e6:.1f}M parameters, context "
-        f"{engine.block_size}, {dev}, {str(model.lm_head.weight.dtype).removeprefix('torch.')})"
+        f"{engine.block_size}, {dev}, {dtype})"
         f" at http://{host}:{real_port}/  (playground /, Ollama /api, OpenAI /v1)",
         flush=True,
     )

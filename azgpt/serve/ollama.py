@@ -66,7 +66,7 @@ async def tags(request: Request):
                     "family": family,
                     "families": [family],
                     "parameter_size": human_params(model.num_params()),
-                    "quantization_level": str(model.lm_head.weight.dtype)
+                    "quantization_level": str(model.transformer.wte.weight.dtype)
                     .removeprefix("torch.")
                     .upper(),
                 },
