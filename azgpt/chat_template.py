@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from .errors import UserError
 from .tokenizer import EOT, SPECIAL_TOKENS
 
+CHAT_FORMAT = "azgpt-chat-1"  # recorded in fine-tuned checkpoints' meta.json as chat_template
 ROLES = ("system", "user", "assistant")
 ROLE_TOKENS = {r: f"<|{r}|>" for r in ROLES}
 END_OF_TURN = EOT

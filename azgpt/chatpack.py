@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .chat_template import CHAT_FORMAT
 from .chatdata import Conversation
 from .data import Batch
 
@@ -83,6 +84,8 @@ class ChatBatches:
         self.rows["val"] = pack(val, block_size, pad_id) if val else None
         self.n_train = len(self.rows["train"]["x"])
         self.n_val = len(self.rows["val"]["x"]) if val else 0
+        # Goes into every checkpoint's meta.json: exports and `serve` know the model chats.
+        self.meta = {"chat_template": CHAT_FORMAT}
 
     def _take(self, split: str, idx: np.ndarray, device, pad_to: int = 0) -> Batch:
         import torch

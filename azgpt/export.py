@@ -5,6 +5,12 @@ map; the only change is that GPT-2's Conv1D layers store their weights transpose
 out_features). arch "llama" goes to LlamaForCausalLM, or Qwen3ForCausalLM when QK-norm is on
 (Llama has no QK-norm; Qwen3 is Llama plus RMSNorm on each head's queries and keys): one
 tensor per tensor, the rotary layout already being transformers' "rotate half".
+
+The tokenizer carries azgpt's chat template (azgpt/chat_template.py) as `chat_template` (in
+tokenizer_config.json and chat_template.jinja, which older and newer transformers read), and,
+like every azgpt path, starts each encoding with `<|endoftext|>` (a post-processor;
+`apply_chat_template` tokenizes without it, its template emits that token itself).
+`generation_config.json`'s eos is the end of an assistant turn, so `generate` stops there.
 """
 
 from __future__ import annotations
@@ -17,11 +23,73 @@ from pathlib import Path
 
 import torch
 
+from .chat_template import JINJA_TEMPLATE, end_of_turn_id
 from .checkpoint import checkpoint_tokenizer, load_model
 from .errors import UserError
 from .fsutil import _umask, fsync_dir, is_disk_full
 from .sample import SAMPLING
 from .tokenizer import EOT
+
+# What an export folder holds; `--force` replaces a folder only when it holds nothing else.
+HF_FILES = {
+    "config.json",
+    "model.safetensors",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "README.md",
+    "azgpt_meta.json",
+}
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """Refuse `--force` on a folder azgpt did not write (or that holds anything else)."""
+    names = sorted(p.name for p in out_dir.iterdir())
+    foreign = [n for n in names if n not in HF_FILES or not (out_dir / n).is_file()]
+    if foreign or "azgpt_meta.json" not in names:
+        shown = ", ".join(foreign[:3]) or "no azgpt_meta.json"
+        raise UserError(
+            f"export folder {out_dir} holds files azgpt did not write ({shown}); --force only "
+            "replaces an earlier azgpt export, so choose another --out (nothing was changed)."
+        )
+
+
+def hf_tokenizer(tok, block_size: int):
+    """transformers' fast tokenizer for azgpt's `tok`: specials parsed (transformers'
+    convention), `<|endoftext|>` prepended to every encoding, the chat template attached."""
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer.from_str(tok.to_str())  # a copy: the caller's tokenizer keeps its settings
+    t.encode_special_tokens = False
+    eot = t.token_to_id(EOT)
+    t.post_processor = TemplateProcessing(
+        single=f"{EOT} $A", pair=f"{EOT} $A {EOT} $B", special_tokens=[(EOT, eot)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=t,
+        bos_token=EOT,
+        eos_token=EOT,
+        unk_token=None,
+        pad_token="<|pad|>",
+        model_max_length=block_size,
+        clean_up_tokenization_spaces=False,
+        chat_template=JINJA_TEMPLATE,
+    )
+
+
+def write_chat_template(folder: Path) -> None:
+    """Both places transformers looks: chat_template.jinja (4.50+) and the tokenizer_config.json
+    field (older releases read only that)."""
+    (folder / "chat_template.jinja").write_text(JINJA_TEMPLATE, encoding="utf-8")
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["chat_template"] = JINJA_TEMPLATE
+    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -139,8 +207,11 @@ def _model_card(meta: dict, cfg, n_params: int) -> str:
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
             'tok = AutoTokenizer.from_pretrained("PATH")',
             'model = AutoModelForCausalLM.from_pretrained("PATH")',
-            'ids = tok("Azərbaycanın paytaxtı", return_tensors="pt").input_ids',
+            'ids = tok("Azərbaycanın paytaxtı", return_tensors="pt").input_ids  # starts with <|endoftext|>',
             "print(tok.decode(model.generate(ids, max_new_tokens=30, do_sample=True)[0]))",
+            "# a model fine-tuned with `azgpt finetune` chats through the chat template:",
+            'msgs = [{"role": "user", "content": "Salam!"}]',
+            "ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors='pt')",
             "```",
             "",
         ]
@@ -200,7 +271,7 @@ def _hf_gpt2(model, eot, pad):
 
 def export_hf(ckpt: str, out: str, *, tokenizer: str | None = None, force: bool = False) -> Path:
     try:
-        from transformers import GenerationConfig, PreTrainedTokenizerFast
+        from transformers import GenerationConfig
     except ImportError:
         raise UserError(
             "export needs transformers; install it with `pip install azgpt[hf]`."
@@ -211,10 +282,16 @@ def export_hf(ckpt: str, out: str, *, tokenizer: str | None = None, force: bool 
         raise UserError(
             f"export folder {out_dir} holds the current folder or the checkpoint; choose a new folder for --out."
         )
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        raise UserError(
-            f"export folder {out_dir} exists and is not empty; choose another --out or pass --force."
-        )
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if not force:
+            raise UserError(
+                f"export folder {out_dir} exists and is not empty; choose another --out or pass --force."
+            )
+        if not out_dir.is_dir():
+            raise UserError(
+                f"--out {out_dir} is a file, not an export folder; choose another --out (nothing was changed)."
+            )
+        check_replaceable(out_dir)
     model, meta = load_model(ckpt, "cpu")
     tok, _, _ = checkpoint_tokenizer(ckpt, meta, tokenizer)
     c = model.config
@@ -228,22 +305,11 @@ def export_hf(ckpt: str, out: str, *, tokenizer: str | None = None, force: bool 
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
         os.chmod(tmp, 0o777 & ~_umask())
         hf.save_pretrained(tmp, safe_serialization=True)
-        tok.encode_special_tokens = (
-            False  # transformers' convention: special strings map to their ids
-        )
-        fast = PreTrainedTokenizerFast(
-            tokenizer_object=tok,
-            bos_token=EOT,
-            eos_token=EOT,
-            unk_token=None,
-            pad_token="<|pad|>",
-            model_max_length=c.block_size,
-            clean_up_tokenization_spaces=False,
-        )
-        fast.save_pretrained(tmp)
+        hf_tokenizer(tok, c.block_size).save_pretrained(tmp)
+        write_chat_template(tmp)
         GenerationConfig(
             bos_token_id=eot,
-            eos_token_id=eot,
+            eos_token_id=end_of_turn_id(tok),
             pad_token_id=pad,
             do_sample=True,
             temperature=SAMPLING["temperature"],

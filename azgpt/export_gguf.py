@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .chat_template import JINJA_TEMPLATE, OLLAMA_TEMPLATE
 from .errors import UserError
 from .fsutil import atomic_path, fsync_dir
 from .sample import SAMPLING  # the Modelfile samples as `azgpt sample` does
@@ -364,6 +365,10 @@ def write_gguf(
         w.add_pad_token_id(vocab.pad)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
+    # The chat template (azgpt/chat_template.py) for llama.cpp's Jinja path and llama-cpp-python,
+    # and the end of an assistant turn, which llama.cpp stops on.
+    w.add_chat_template(JINJA_TEMPLATE)
+    w.add_eot_token_id(vocab.eot)
     w.add_string("azgpt.version", __version__)
     w.add_string("azgpt.tokenizer_sha256", tokenizer_sha256)
     w.add_uint64("azgpt.training_tokens", int(meta.get("tokens_seen") or 0))
@@ -429,28 +434,85 @@ def quantize_with_llama_cpp(src: Path, dst: Path, quant: str) -> None:
 # ----------------------------------------------------------------------------- Modelfile
 
 
-def modelfile_text(gguf_path: Path, modelfile: Path, *, block_size: int, name: str) -> str:
-    """An Ollama Modelfile for a base model: the raw prompt in, sampling as `azgpt sample`."""
+MODELFILE_MARK = "# azgpt"  # the first line of every Modelfile azgpt writes
+
+
+def modelfile_text(
+    gguf_path: Path,
+    modelfile: Path,
+    *,
+    block_size: int,
+    name: str,
+    chat: bool = False,
+    system: str | None = None,
+) -> str:
+    """An Ollama Modelfile, sampling as `azgpt sample`. A base model gets the raw prompt; a
+    model fine-tuned with `azgpt finetune` (chat) gets azgpt's chat template in Ollama's Go
+    syntax, stops at the end of a turn (and at any role token), and `SYSTEM` when given."""
     rel = os.path.relpath(gguf_path.resolve(), modelfile.resolve().parent)
     src = rel if rel.startswith(("/", ".")) else "./" + rel
     if any(ch.isspace() for ch in src):
         src = str(gguf_path.resolve())
+    if chat:
+        # The GGUF adds the leading <|endoftext|> itself (add_bos_token): the template must not.
+        head = f"{MODELFILE_MARK}: {_ollama_name(name)}, an Azerbaijani chat model fine-tuned with azgpt."
+        template = [f'TEMPLATE """{OLLAMA_TEMPLATE}"""']
+        if system is not None:
+            template.append(f'SYSTEM """{system}"""')
+        stops = [EOT, "<|user|>", "<|system|>", "<|assistant|>"]
+    else:
+        head = (
+            f"{MODELFILE_MARK}: {_ollama_name(name)}, an Azerbaijani base model (not a chat model)."
+        )
+        # A base model continues text: the prompt goes in as it is.
+        template = ['TEMPLATE """{{ .Prompt }}"""']
+        stops = [EOT]
     return "\n".join(
         [
-            f"# {name}: an Azerbaijani base model trained with azgpt (not a chat model).",
+            head,
             f"# ollama create {_ollama_name(name)} -f {modelfile.name}",
             f"FROM {src}",
-            # A base model continues text: the prompt goes in as it is. The GGUF adds the
-            # leading <|endoftext|> itself (add_bos_token).
-            'TEMPLATE """{{ .Prompt }}"""',
+            *template,
             f"PARAMETER temperature {SAMPLING['temperature']}",
             f"PARAMETER top_k {SAMPLING['top_k']}",
             f"PARAMETER top_p {SAMPLING['top_p']}",
             f"PARAMETER num_ctx {block_size}",
-            f'PARAMETER stop "{EOT}"',
+            *(f'PARAMETER stop "{s}"' for s in stops),
             "",
         ]
     )
+
+
+def _is_azgpt_gguf(p: Path) -> bool:
+    import gguf
+
+    try:
+        return "azgpt.version" in gguf.GGUFReader(p).fields
+    except Exception:  # not a GGUF at all
+        return False
+
+
+def _is_azgpt_modelfile(p: Path) -> bool:
+    try:
+        with open(p, encoding="utf-8") as f:
+            return f.readline().startswith(MODELFILE_MARK)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def default_modelfile(out_p: Path) -> Path:
+    """`Modelfile` beside the GGUF, unless azgpt's Modelfile there serves another GGUF (or the
+    file is not azgpt's): then NAME.Modelfile, so several quantizations share one folder."""
+    mf = out_p.parent / "Modelfile"
+    if not mf.exists():
+        return mf
+    if _is_azgpt_modelfile(mf):
+        text = mf.read_text(encoding="utf-8")
+        if any(
+            ln.startswith("FROM ") and Path(ln[5:]).name == out_p.name for ln in text.splitlines()
+        ):
+            return mf
+    return out_p.parent / (out_p.stem + ".Modelfile")
 
 
 def _ollama_name(name: str) -> str:
@@ -469,6 +531,7 @@ def export_gguf(
     tokenizer: str | None = None,
     modelfile: str | None = None,
     force: bool = False,
+    system: str | None = None,
 ) -> tuple[Path, Path]:
     """`azgpt export --format gguf`: the GGUF file and its Modelfile; returns both paths.
 
@@ -479,17 +542,44 @@ def export_gguf(
 
     if quant not in QUANTS:
         raise UserError(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}.")
+    for opt, v in (("--out", out), ("--modelfile", modelfile)):
+        if v is not None and any(ord(ch) < 32 or ord(ch) == 127 for ch in str(v)):
+            raise UserError(
+                f"{opt} {str(v)!r} holds a newline or control character, which would break the "
+                "Modelfile; choose a plain file name."
+            )
+    if system is not None and (
+        '"""' in system or any(ord(c) < 32 and c not in "\n\t" for c in system)
+    ):
+        raise UserError(
+            '--system must not hold """ or control characters (the Modelfile quotes it in """); '
+            "rephrase it."
+        )
     out_p = Path(out)
-    mf_p = Path(modelfile) if modelfile else out_p.parent / "Modelfile"
-    for p, opt in ((out_p, "--out"), (mf_p, "--modelfile")):
+    mf_p = Path(modelfile) if modelfile else default_modelfile(out_p)
+    for p, opt, ours in (
+        (out_p, "--out", _is_azgpt_gguf),
+        (mf_p, "--modelfile", _is_azgpt_modelfile),
+    ):
         if p.is_dir():
             raise UserError(f"{opt} {p} is a folder; give a file name such as model.gguf.")
-        if p.exists() and not force:
+        if p.exists() and not force and not (opt == "--modelfile" and not modelfile and ours(p)):
             raise UserError(f"{opt} {p} exists; choose another name or pass --force.")
+        if p.exists() and not ours(p):
+            raise UserError(
+                f"{opt} {p} exists and was not written by azgpt; --force only replaces azgpt's "
+                "own files, so choose another name (nothing was changed)."
+            )
     if out_p.resolve() == mf_p.resolve():
         raise UserError(f"--modelfile {mf_p} is the GGUF file itself; choose another name.")
     model, meta = load_model(ckpt, "cpu")
     model.eval()
+    chat = bool(meta.get("chat_template"))
+    if system is not None and not chat:
+        raise UserError(
+            f"--system applies to chat models, and {ckpt} is a base model; fine-tune it with "
+            "`azgpt finetune` first, or leave out --system."
+        )
     _, sha, tok_path = checkpoint_tokenizer(ckpt, meta, tokenizer)
     check_llama_cpp_tokenizer(tok_path)
     if quant == "q4_k_m":
@@ -497,6 +587,7 @@ def export_gguf(
     vocab = gguf_vocab(tok_path, model.config.vocab_size)
     run = Path(ckpt).resolve()  # runs/NAME/step-000300 (best and last are links to one)
     name = f"azgpt-{run.parent.name if run.name.startswith('step-') else run.name}"
+    name = "".join(ch if ch.isprintable() else "-" for ch in name)  # no line breaks in files
     try:
         with atomic_path(out_p) as tmp, atomic_path(mf_p) as mf_tmp:
             if quant == "q4_k_m":
@@ -509,7 +600,14 @@ def export_gguf(
             else:
                 write_gguf(tmp, model, meta, vocab, quant, name=name, tokenizer_sha256=sha)
             mf_tmp.write_text(
-                modelfile_text(out_p, mf_p, block_size=model.config.block_size, name=name),
+                modelfile_text(
+                    out_p,
+                    mf_p,
+                    block_size=model.config.block_size,
+                    name=name,
+                    chat=chat,
+                    system=system,
+                ),
                 encoding="utf-8",
             )
     except OSError as e:

@@ -65,9 +65,15 @@ def test_export_refuses_a_non_empty_folder_without_force(run, tmp_path):
     with pytest.raises(UserError, match="--force"):
         export_hf(str(run[0] / "last"), str(out))
     assert (out / "keep.txt").read_text() == "x"
+    # --force replaces an earlier export only, never a folder holding other files
+    r = azgpt("export", "--ckpt", str(run[0] / "last"), "--out", str(out), "--force")
+    assert r.returncode == 2 and "azgpt did not write (keep.txt)" in r.stderr
+    assert (out / "keep.txt").read_text() == "x" and not (out / "config.json").exists()
+    (out / "keep.txt").unlink()
+    assert azgpt("export", "--ckpt", str(run[0] / "last"), "--out", str(out)).returncode == 0
     r = azgpt("export", "--ckpt", str(run[0] / "last"), "--out", str(out), "--force")
     assert r.returncode == 0, r.stderr
-    assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
+    assert (out / "config.json").is_file()
 
 
 def test_eval_and_report_cli(run, tmp_path):
