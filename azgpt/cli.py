@@ -318,6 +318,7 @@ def cmd_serve(a) -> int:
         max_batch=a.max_batch,
         max_queue=a.max_queue,
         limits=limits,
+        prefill_chunk=a.prefill_chunk,
         origins=[o.strip() for o in (a.origins or "").split(",") if o.strip()],
         max_connections=a.max_connections,
         header_timeout=a.header_timeout,
@@ -608,8 +609,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("--max-prompt-chars", 100_000, "the longest prompt (all messages together) in characters"),
         ("--max-messages", 256, "chat messages kept per request; older ones are dropped"),
         ("--max-body-bytes", 1_000_000, "the largest request body; larger ones get 413"),
-        ("--max-connections", 256, "open connections; the longest-idle one is closed for a new one"),
+        ("--max-connections", 256, "open connections; a new one closes the longest idle"),
         ("--header-timeout", 10, "seconds a connection may wait without a complete request"),
+        ("--prefill-chunk", 64, "prompt tokens prefilled between two decoding steps"),
         ("--body-timeout", 30, "seconds a client may take to send a request body"),
     ):
         sv.add_argument(

@@ -7,6 +7,11 @@ random weights unless a checkpoint is given: speed does not depend on the values
 requests one after another. Batching pays when the 8 concurrent clients get several times the
 aggregate tokens/s of the sequential 8.
 
+Long prompts (--long-prompt 480): a lone request with a 480-token prompt (its time to first
+token is the baseline), then, while one stream is decoding, 8 such requests arriving together:
+their time to first token p50/p99 and the longest gap between two chunks of the running stream
+(how long a prompt's prefill stalled it; the engine prefills one chunk per decoding step).
+
 .venv/bin/python bench/serve.py [--models demo,gpt100m] [--tokens 64] [--threads 2]
                                 [--repeat 3] [--demo-ckpt runs/tiny/last]
 """
@@ -118,6 +123,74 @@ def run_clients(base: str, n: int, tokens: int, sequential: bool = False) -> dic
     }
 
 
+def first_token_ms(base: str, ids: list[int], out: dict) -> None:
+    body = {"model": "bench", "prompt": "", "context": ids, "options": {"num_predict": 4}}
+    t0 = time.perf_counter()
+    with requests.post(f"{base}/api/generate", json=body, stream=True, timeout=3600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line and json.loads(line).get("response") is not None:
+                out["ttft_ms"] = (time.perf_counter() - t0) * 1000
+                break
+
+
+def long_prompts(base: str, n_prompt: int, clients: int = 8) -> dict:
+    """TTFT of `clients` simultaneous `n_prompt`-token prompts beside a running stream, the
+    longest stall of that stream meanwhile, and a lone prompt's TTFT."""
+    import random
+
+    rng = random.Random(0)
+    health = requests.get(base + "/health", timeout=10).json()
+    text = " ".join(PROMPTS * 40)
+    pool = requests.post(base + "/tokenize", json={"text": text}, timeout=60).json()["ids"]
+    prompts = [[rng.choice(pool) for _ in range(n_prompt)] for _ in range(clients + 1)]
+    lone: dict = {}
+    first_token_ms(base, prompts[-1], lone)
+    gaps: list[float] = []
+    stop = threading.Event()
+
+    def runner():
+        body = {"prompt": PROMPTS[0], "options": {"num_predict": 100_000, "ignore_eos": True}}
+        with requests.post(f"{base}/api/generate", json=body, stream=True, timeout=3600) as r:
+            last = None
+            for _line in r.iter_lines():
+                now = time.perf_counter()
+                if last is not None and not stop.is_set():
+                    gaps.append((now - last, now))
+                last = now
+                if stop.is_set():
+                    break
+
+    t = threading.Thread(target=runner, daemon=True)
+    t.start()
+    time.sleep(3)  # the stream is decoding
+    outs = [{} for _ in range(clients)]
+    t0 = time.perf_counter()
+    threads = [
+        threading.Thread(target=first_token_ms, args=(base, p, o)) for p, o in zip(prompts, outs)
+    ]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    t1 = time.perf_counter()
+    stop.set()
+    t.join(timeout=60)
+    window = [g for g, at in gaps if t0 <= at <= t1 + 0.5]
+    ttft = sorted(o["ttft_ms"] for o in outs)
+    return {
+        "prompt_tokens": n_prompt,
+        "clients": clients,
+        "context": health["context"],
+        "lone_ttft_ms": round(lone["ttft_ms"]),
+        "ttft_p50_ms": round(statistics.median(ttft)),
+        "ttft_p99_ms": round(ttft[-1]),
+        "p99_vs_lone": round(ttft[-1] / lone["ttft_ms"], 2),
+        "longest_stall_ms": round(max(window) * 1000) if window else None,
+        "running_stream_chunks_meanwhile": len(window),
+    }
+
+
 def median_run(base: str, n: int, tokens: int, repeat: int, sequential: bool = False) -> dict:
     """The run with the median aggregate tokens/s of `repeat` runs (a shared machine is noisy)."""
     runs = sorted(
@@ -128,7 +201,14 @@ def median_run(base: str, n: int, tokens: int, repeat: int, sequential: bool = F
 
 
 def bench_model(
-    label: str, ckpt: Path, levels: list[int], tokens: int, threads: int, repeat: int, log: Path
+    label: str,
+    ckpt: Path,
+    levels: list[int],
+    tokens: int,
+    threads: int,
+    repeat: int,
+    log: Path,
+    long_prompt: int = 0,
 ):
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -158,6 +238,9 @@ def bench_model(
             print(json.dumps(rows[-1]), flush=True)
         rows.append({"model": label, **median_run(base, 8, tokens, repeat, sequential=True)})
         print(json.dumps(rows[-1]), flush=True)
+        if long_prompt:
+            info["long_prompts"] = long_prompts(base, long_prompt)
+            print(json.dumps(info["long_prompts"]), flush=True)
     finally:
         proc.terminate()
         try:
@@ -175,6 +258,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the server")
     ap.add_argument("--repeat", type=int, default=3, help="runs per level; the median is kept")
     ap.add_argument("--demo-ckpt", help="a trained demo checkpoint (default: random weights)")
+    ap.add_argument("--long-prompt", type=int, default=480, help="0: skip the long-prompt run")
     a = ap.parse_args()
 
     from azgpt.tokenizer import save_tokenizer, train_tokenizer
@@ -193,8 +277,9 @@ def main() -> None:
             config = {"demo": "tiny.toml", "gpt100m": "gpt100m.toml"}[label]
             ckpt = make_checkpoint(ROOT / "configs" / config, work / "tok", work / label)
         info, rows = bench_model(
-            label, ckpt, levels, a.tokens, a.threads, a.repeat, work / f"{label}.log"
-        )
+            label, ckpt, levels, a.tokens, a.threads, a.repeat, work / f"{label}.log",
+            a.long_prompt if label == "gpt100m" else 0,
+        )  # fmt: skip
         seq = next(r for r in rows if r["sequential"])
         c8 = next((r for r in rows if r["clients"] == 8 and not r["sequential"]), None)
         summary.append(
@@ -218,6 +303,15 @@ def main() -> None:
     for label, _, _, ratio in summary:
         if ratio:
             print(f"{label}: 8 concurrent / 8 sequential = {ratio:.2f}x aggregate tokens/s")
+    for label, info, _, _ in summary:
+        if "long_prompts" in info:
+            lp = info["long_prompts"]
+            print(
+                f"{label}: {lp['clients']} x {lp['prompt_tokens']}-token prompts beside a running "
+                f"stream: TTFT p50 {lp['ttft_p50_ms']:,} ms, p99 {lp['ttft_p99_ms']:,} ms "
+                f"({lp['p99_vs_lone']}x a lone prompt's {lp['lone_ttft_ms']:,} ms); longest "
+                f"stall of the running stream {lp['longest_stall_ms']:,} ms"
+            )
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -182,6 +182,7 @@ def serve(
     ctx: int | None = None,
     max_batch: int = 8,
     max_queue: int = 64,
+    prefill_chunk: int = 64,
     limits: Limits | None = None,
     origins: Sequence[str] = (),
     max_connections: int = 256,
@@ -205,7 +206,10 @@ def serve(
         model, meta = load_model(ckpt, dev)
         model = cast_model(model, dtype, dev)
         tok, _, _ = checkpoint_tokenizer(ckpt, meta, tokenizer)
-        engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue, ctx=ctx)
+        engine = Engine(
+            model, tok, max_batch=max_batch, max_queue=max_queue, ctx=ctx,
+            prefill_chunk=prefill_chunk,
+        )  # fmt: skip
         app = create_app(
             engine, name=name, ckpt=ckpt, api_key=api_key, limits=limits, host=host,
             origins=origins,
