@@ -605,13 +605,13 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, default, what in (
         ("--max-batch", 8, "sequences decoded together in one forward pass"),
         ("--max-queue", 64, "requests that may wait for a slot; more get 503"),
+        ("--prefill-chunk", 64, "prompt tokens prefilled between two decoding steps"),
         ("--max-tokens", 1024, "the most tokens one request may ask for"),
         ("--max-prompt-chars", 100_000, "the longest prompt (all messages together) in characters"),
         ("--max-messages", 256, "chat messages kept per request; older ones are dropped"),
         ("--max-body-bytes", 1_000_000, "the largest request body; larger ones get 413"),
         ("--max-connections", 256, "open connections; a new one closes the longest idle"),
         ("--header-timeout", 10, "seconds a connection may wait without a complete request"),
-        ("--prefill-chunk", 64, "prompt tokens prefilled between two decoding steps"),
         ("--body-timeout", 30, "seconds a client may take to send a request body"),
     ):
         sv.add_argument(
