@@ -16,6 +16,7 @@ import re
 import shutil
 import stat
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,7 +44,13 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The unwrapped, uncompiled model's tensors, minus a tied lm_head (restored on load)."""
     sd = model.state_dict()
     skip = TIED if tied(model.config) else None
-    return {k: v.detach().contiguous().cpu() for k, v in sd.items() if k != skip}
+    return {k: cpu_copy(v) for k, v in sd.items() if k != skip}
+
+
+def cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    """A host copy that owns its memory (`.cpu()` of a CPU tensor is the tensor itself, which the
+    next optimizer step would change under a background checkpoint write)."""
+    return t.detach().to("cpu", copy=True).contiguous()
 
 
 def save_model_files(model: GPT, folder: Path, state: dict | None = None) -> None:
@@ -276,7 +283,7 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
     for name, st in osd.get("state", {}).items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"optim.{name}.{k}"] = v.detach().contiguous().cpu()
+                tensors[f"optim.{name}.{k}"] = cpu_copy(v)
             else:
                 scalars[f"{name}.{k}"] = v
     groups = [
@@ -497,6 +504,44 @@ def save_checkpoint(
         _point(out_dir, "best", final)
     _prune(out_dir, keep_last)
     return final
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a background thread, one at a time, so training goes on while the
+    files are written and fsynced (a 1.32 GB checkpoint took 3.7 s to write synchronously).
+    The caller hands over host copies (`cpu_copy`) that nothing else changes; `save_checkpoint`
+    keeps each write atomic. An error of a write (a full disk) is raised by the next `submit` or
+    `wait`, on the training thread."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, *args, **kwargs) -> None:
+        """`save_checkpoint(*args, **kwargs)` in the background, after the previous write."""
+        self.wait()
+
+        def write() -> None:
+            try:
+                save_checkpoint(*args, **kwargs)
+            except BaseException as e:  # handed to the training thread by wait()
+                self._error = e
+
+        self._thread = threading.Thread(target=write, name="azgpt-checkpoint")
+        self._thread.start()
+
+    def wait(self, raise_error: bool = True) -> None:
+        """Block until the write in flight is on disk; raise its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None and raise_error:
+            err, self._error = self._error, None
+            raise err
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
 
 def _prune(out_dir: Path, keep_last: int) -> None:

@@ -123,6 +123,7 @@ class Logger:
         if bad and tc.nan_policy == "stop":
             first = steps.index(bad[0])
             self._rows(steps[:first], losses[:first])
+            run.writer.wait()  # a checkpoint still being written is the last good one
             last_ck = latest_checkpoint(run.out_dir)
             if run.main:
                 print(

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import clean_stale_temps, load_weights, read_trainer_state
+from .checkpoint import CheckpointWriter, clean_stale_temps, load_weights, read_trainer_state
 from .config import ConfigError, RunConfig, size_run
 from .data import BatchSource, TokenBatches, TokenData
 from .errors import UserError
@@ -52,6 +52,7 @@ class Run:
     flops_per_token: int  # of the whole model: MFU is never a shard's
     shards: dict | None  # under FSDP: what this process holds (fsdp.shard_report)
     state: RunState = field(default_factory=RunState)
+    writer: CheckpointWriter = field(default_factory=CheckpointWriter)  # background writes
 
     @property
     def device(self) -> torch.device:

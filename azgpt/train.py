@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import RunLock, full_model_state, now, optimizer_state, save_checkpoint
+from .checkpoint import RunLock, full_model_state, model_state, now, optimizer_state
 from .config import RunConfig
 from .data import BatchSource, as_batch
 from .errors import UserError
@@ -207,8 +207,10 @@ def sample_text(run: Run, weights: dict | None = None) -> str:
 
 
 def save(run: Run, ev: dict | None) -> dict | None:
-    """Write a checkpoint (every rank calls this: gathering sharded state is a collective).
-    Returns the gathered weights under FSDP (for the sample), else None."""
+    """Checkpoint the run: every rank calls this (gathering sharded state is a collective); the
+    main process copies weights and optimizer state to host memory here, and a background thread
+    writes them (`CheckpointWriter`) while training goes on. Returns the gathered weights under
+    FSDP (for the sample), else None."""
     st, tc = run.state, run.cfg.train
     vl = ev["val_loss"] if ev else None
     is_best = vl is not None and math.isfinite(vl) and (st.best_val is None or vl < st.best_val)
@@ -216,7 +218,9 @@ def save(run: Run, ev: dict | None) -> dict | None:
         st.best_val, st.evals_without_improvement = vl, 0
     elif ev:
         st.evals_without_improvement += 1
-    weights = full_model_state(run.model) if run.fsdp else None
+    # Host copies, taken before the next step changes anything (under FSDP the gathered state
+    # is already a fresh copy).
+    weights = full_model_state(run.model) if run.fsdp else model_state(run.raw)
     opt = optimizer_state(run.model, run.optimizer)
     run.accelerator.wait_for_everyone()
     if not run.main:
@@ -254,7 +258,7 @@ def save(run: Run, ev: dict | None) -> dict | None:
         "azgpt_version": __version__,
         "time": now(),
     }
-    save_checkpoint(
+    run.writer.submit(
         run.out_dir,
         st.step,
         run.raw,
@@ -267,7 +271,7 @@ def save(run: Run, ev: dict | None) -> dict | None:
         model_sd=weights,
         tokenizer_file=run.tokenizer_file,
     )
-    return weights
+    return weights if run.fsdp else None
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -281,6 +285,7 @@ def loop(run: Run) -> TrainResult:
         return _loop(run, log, plot_losses)
     finally:
         log.close()  # ends the progress bar's line, so an error message starts on its own
+        run.writer.wait(raise_error=False)  # on an error: let the write in flight finish
 
 
 def _loop(run: Run, log: Logger, plot_losses) -> TrainResult:
@@ -328,6 +333,7 @@ def _loop(run: Run, log: Logger, plot_losses) -> TrainResult:
             )
             break
         log.restart_clock()
+    run.writer.wait()  # the last checkpoint is on disk before the run says it is done
     if ok and st.stop_reason is None:
         st.stop_reason = "max_iters" if st.step >= tc.max_iters else "stop_at"
     log.write({"event": "end", "step": st.step, "reason": st.stop_reason, "time": now()})
