@@ -247,6 +247,7 @@ def cmd_eval(a) -> int:
         batch_size=a.batch_size,
         device=a.device,
         stride=a.stride,
+        chat=a.chat,
     )
     if a.json:
         print(json.dumps(out, ensure_ascii=False))
@@ -539,6 +540,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text", nargs="+", help="text files, documents separated by blank lines")
     e.add_argument("--tokens", help="a token file (.npy) written by `azgpt prepare`")
     e.add_argument("--probes", action="store_true", help="score the built-in Azerbaijani probes")
+    e.add_argument(
+        "--chat",
+        nargs="+",
+        help="chat files or folders: assistant loss, bits per byte, stop rate (docs/chat.md)",
+    )
     e.add_argument("--line-docs", action="store_true", help="one document per line")
     e.add_argument(
         "--tokenizer", help="tokenizer folder (default: the one recorded in the checkpoint)"

@@ -1,7 +1,7 @@
 """Evaluation: loss, perplexity and bits per UTF-8 byte of text or token files, and the built-in
 Azerbaijani probes.
 
-Protocol for raw text (see README): documents are cleaned with `azgpt clean`'s repairs (no
+Protocol for raw text (see docs/evaluation.md): documents are cleaned with `azgpt clean`'s repairs (no
 filter), then every document is scored on its own, conditioned on a
 leading `<|endoftext|>`; the tokens of the document are scored (not a closing end-of-text).
 Documents longer than the context are scored in sliding windows: each window holds
@@ -255,9 +255,12 @@ def run_eval(
     batch_size=8,
     device="auto",
     stride=None,
+    chat=None,
 ) -> dict:
-    if not texts and not tokens and not probes:
-        raise UserError("give something to evaluate: --text FILE..., --tokens FILE or --probes.")
+    if not texts and not tokens and not probes and not chat:
+        raise UserError(
+            "give something to evaluate: --text FILE..., --tokens FILE, --probes or --chat FILE..."
+        )
     dev = pick_device(device)
     model, meta = load_model(ckpt, dev)
     model.eval()
@@ -280,4 +283,10 @@ def run_eval(
         out.update(res if not texts else {f"tokens_{k}": v for k, v in res.items()})
     if probes:
         out["probes"] = eval_probes(model, tok, dev)
+    if chat:
+        from .chat_template import check_chat_tokenizer
+        from .chateval import eval_chat
+
+        check_chat_tokenizer(tok, f"the tokenizer of {ckpt}")
+        out.update(eval_chat(model, tok, chat, dev))
     return out
