@@ -1,13 +1,14 @@
-"""GPU throughput check: the card's bf16 matmul peak, then training at the given shapes.
+"""Every GPU measurement in one call: the card's bf16 matmul peak, then both recipes (gpt2 +
+AdamW: configs/gpt100m.toml; llama + Muon: configs/gpt100m_modern.toml) at each batch x context
+shape (steady-state tokens/s, MFU against the measured peak and the data sheet, peak memory,
+step-time spread), a loss-curve check per recipe (compiled vs plain, same seed), the peak
+memory of configs/gpt100m_4gb.toml at its own shape, and single-stream decoding speed. Rows are
+appended to bench/RESULTS.md with the card, date, versions and command. bench/gpu.sh runs this,
+the optimizer-step benchmark and the `gpu`-marked tests.
 
-One call measures, for each batch x context shape: steady-state tokens/s, MFU against the
-matmul peak measured in the same run, peak GPU memory and the spread of step times; then a
-loss-curve check (compiled vs plain path, same seed) over the first steps. Rows are appended to
-bench/RESULTS.md with the card, date, versions and command.
-
-    python bench/gpu.py                                   # configs/gpt100m.toml at 12x512 and 32x1024
+    python bench/gpu.py                                   # 12x512 and 32x1024
     python bench/gpu.py --data out/az/data --tokenizer out/az/tokenizer   # real corpus tokens
-    python bench/gpu.py --config configs/tiny.toml --shapes 4x64 --steps 20 --loss-steps 20   # CPU smoke
+    python bench/gpu.py --smoke --shapes 2x32 --steps 4 --loss-steps 4 --gen-tokens 8 --compile off --results /tmp/R.md   # CPU
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def synthetic_data(work: Path, vocab: int, n_tokens: int) -> tuple[Path, Path]:
 
 
 def run_shape(cfg_path, tok, data, out, batch, block, steps, compile_mode, extra=()):
+    """Train `steps` steps of the run file at batch x block; (cfg, metric rows, wall s, peak GiB)."""
     import torch
 
     from azgpt.config import load_config
@@ -101,6 +103,7 @@ def run_shape(cfg_path, tok, data, out, batch, block, steps, compile_mode, extra
     ]
     cfg = load_config(cfg_path, over)
     if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # each shape's peak is its own
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     train(cfg)
@@ -111,11 +114,46 @@ def run_shape(cfg_path, tok, data, out, batch, block, steps, compile_mode, extra
     return cfg, steps_rows, wall, mem
 
 
+RECIPES = {  # name -> (run file, extra overrides)
+    "gpt2 + AdamW": ("configs/gpt100m.toml", []),
+    "llama + Muon": ("configs/gpt100m_modern.toml", []),
+}
+# --smoke: the same code paths at tiny shapes, for CI on a CPU (a minute or two).
+SMOKE_MODEL = [
+    "--model.n_layer=2",
+    "--model.n_embd=64",
+    "--model.n_head=2",
+    "--model.vocab_size=2048",
+]
+
+
+def generation_speed(cfg_path, device, tokens: int, smoke: bool) -> float:
+    """Single-stream decoding tokens/s of the run file's model (random weights) through
+    `model.generate`, the in-training sampler's path; the first call warms up."""
+    import torch
+
+    from azgpt.config import load_config
+    from azgpt.model import GPT
+
+    cfg = load_config(cfg_path, SMOKE_MODEL if smoke else [])
+    model = GPT(cfg.model).to(device).eval()
+    x = torch.zeros((1, 8), dtype=torch.long, device=device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+        for n in (8, tokens):
+            sync()
+            t0 = time.perf_counter()
+            out = list(model.generate(x, n, 1.0, 50, None, None, None))
+            sync()
+            dt = time.perf_counter() - t0
+    return len(out) / dt
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default=str(ROOT / "configs/gpt100m.toml"))
     ap.add_argument("--shapes", default="12x512,32x1024")
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=100, help="steps per throughput shape")
     ap.add_argument(
         "--compile",
         default="auto",
@@ -127,14 +165,15 @@ def main() -> None:
         "--loss-steps",
         type=int,
         default=200,
-        help="steps of the compiled-vs-plain loss check (0 skips)",
+        help="steps of the compiled-vs-plain loss check, per recipe (0 skips)",
     )
+    ap.add_argument("--gen-tokens", type=int, default=256, help="tokens of the decoding check")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes: a CPU run of every path")
     ap.add_argument("--results", default=str(ROOT / "bench/RESULTS.md"))
     a = ap.parse_args()
 
     import torch
 
-    from azgpt.config import load_config
     from azgpt.model import GPT
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -145,92 +184,109 @@ def main() -> None:
     )
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    peak = matmul_peak(device)
+    peak = matmul_peak(device, 0.3 if a.smoke else 2.0)
     print(
         f"{card}: measured matmul peak {peak / 1e12:.1f} TFLOP/s ({'bf16' if device.type == 'cuda' else 'fp32'})",
         flush=True,
     )
 
+    from azgpt.config import load_config
     from azgpt.train import peak_flops
 
     sheet = peak_flops(card, "bf16") if device.type == "cuda" else None
     work = Path(tempfile.mkdtemp(prefix="azgpt-gpu-"))
-    base = load_config(a.config)
+    model_over = SMOKE_MODEL if a.smoke else []
     if a.data:
         tok, data = Path(a.tokenizer), Path(a.data)
     else:
-        tok, data = synthetic_data(work, base.model.vocab_size, 20_000_000)
-    results = []
-    for shape in a.shapes.split(","):
-        batch, block = (int(x) for x in shape.lower().split("x"))
-        cfg, rows, wall, mem = run_shape(
-            a.config, tok, data, work / f"run_{shape}", batch, block, a.steps, a.compile
-        )
-        gcfg = cfg.model
-        with torch.device("meta"):  # shapes only, no memory
-            fpt = GPT(gcfg).flops_per_token()
-        tps_rows = [r["tok_per_s"] for r in rows[len(rows) // 2 :]]  # steady state: second half
-        tps = statistics.median(tps_rows)
-        step_ms = [1000 * batch * block / t for t in tps_rows]
-        res = {
-            "shape": f"{batch} x {block}",
-            "tokens_per_s": round(tps),
-            "mfu": fpt * tps / peak,  # against the matmul peak measured above
-            # against the data sheet, as `azgpt train`'s progress bar reports it
-            "mfu_sheet": fpt * tps / sheet if sheet else None,
-            "peak_mem_gib": mem,
-            "step_ms_p10": sorted(step_ms)[len(step_ms) // 10],
-            "step_ms_p50": statistics.median(step_ms),
-            "step_ms_p90": sorted(step_ms)[(9 * len(step_ms)) // 10],
-            "wall_s": wall,
-            "final_loss": rows[-1]["loss"],
-        }
-        results.append(res)
-        print(json.dumps(res), flush=True)
+        vocab = load_config(ROOT / RECIPES["gpt2 + AdamW"][0], model_over).model.vocab_size
+        tok, data = synthetic_data(work, vocab, 200_000 if a.smoke else 20_000_000)
 
-    loss_note = ""
+    # 1. throughput of both recipes at each shape
+    results = []
+    for name, (cfg_file, extra) in RECIPES.items():
+        for shape in a.shapes.split(","):
+            batch, block = (int(x) for x in shape.lower().split("x"))
+            out = work / f"run_{len(results)}"
+            cfg, rows, wall, mem = run_shape(
+                ROOT / cfg_file, tok, data, out, batch, block, a.steps, a.compile,
+                [*model_over, *extra],
+            )  # fmt: skip
+            with torch.device("meta"):  # shapes only, no memory
+                fpt = GPT(cfg.model).flops_per_token()
+            tps_rows = [r["tok_per_s"] for r in rows[len(rows) // 2 :]]  # steady state
+            tps = statistics.median(tps_rows)
+            step_ms = [1000 * batch * block / t for t in tps_rows]
+            res = {
+                "recipe": name,
+                "shape": f"{batch} x {block}",
+                "tokens_per_s": round(tps),
+                "mfu": fpt * tps / peak,  # against the matmul peak measured above
+                "mfu_sheet": fpt * tps / sheet if sheet else None,  # as the progress bar
+                "peak_mem_gib": mem,
+                "step_ms_p10": sorted(step_ms)[len(step_ms) // 10],
+                "step_ms_p50": statistics.median(step_ms),
+                "step_ms_p90": sorted(step_ms)[(9 * len(step_ms)) // 10],
+                "wall_s": wall,
+                "final_loss": rows[-1]["loss"],
+            }
+            results.append(res)
+            print(json.dumps(res), flush=True)
+
+    # 2. loss curves, compiled vs plain, for both recipes
+    notes = []
     if a.loss_steps:
         b0, t0_ = (int(x) for x in a.shapes.split(",")[0].lower().split("x"))
-        _, fast, _, _ = run_shape(
-            a.config,
-            tok,
-            data,
-            work / "loss_fast",
-            b0,
-            t0_,
-            a.loss_steps,
-            a.compile,
-            ["--train.log_interval=1"],
-        )
-        _, plain, _, _ = run_shape(
-            a.config,
-            tok,
-            data,
-            work / "loss_plain",
-            b0,
-            t0_,
-            a.loss_steps,
-            "off",
-            ["--train.log_interval=1"],
-        )
-        diffs = [abs(x["loss"] - y["loss"]) for x, y in zip(fast, plain)]
-        k = max(1, len(diffs) // 10)
-        tail = sum(x["loss"] for x in fast[-k:]) / k - sum(y["loss"] for y in plain[-k:]) / k
-        loss_note = f"loss check over {a.loss_steps} steps (compile={a.compile} vs off): max |diff| {max(diffs):.4f}, last-10% mean diff {tail:+.4f}"
-        print(loss_note, flush=True)
+        for name, (cfg_file, extra) in RECIPES.items():
+            curves = []
+            for j, mode in enumerate((a.compile, "off")):
+                _, rows, _, _ = run_shape(
+                    ROOT / cfg_file, tok, data, work / f"loss_{len(notes)}_{j}", b0, t0_,
+                    a.loss_steps, mode, ["--train.log_interval=1", *model_over, *extra],
+                )  # fmt: skip
+                curves.append(rows)
+            fast, plain = curves
+            diffs = [abs(x["loss"] - y["loss"]) for x, y in zip(fast, plain)]
+            k = max(1, len(diffs) // 10)
+            tail = sum(x["loss"] for x in fast[-k:]) / k - sum(y["loss"] for y in plain[-k:]) / k
+            notes.append(
+                f"{name}: loss check over {a.loss_steps} steps (compile={a.compile} vs off): "
+                f"max |diff| {max(diffs):.4f}, last-10% mean diff {tail:+.4f}"
+            )
+            print(notes[-1], flush=True)
+
+    # 3. the 4 GB preset's peak memory, at its own shape (micro-batch 4 x 256)
+    small = load_config(ROOT / "configs/gpt100m_4gb.toml", model_over)
+    _, _, _, mem = run_shape(
+        ROOT / "configs/gpt100m_4gb.toml", tok, data, work / "run_4gb", small.train.batch_size,
+        small.model.block_size, 4 if a.smoke else 20, a.compile,
+        [*model_over, "--train.mixed_precision=auto"],
+    )  # fmt: skip
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else float("nan")
+    notes.append(
+        f"configs/gpt100m_4gb.toml peak memory: {mem:.2f} GiB allocated, {reserved:.2f} GiB "
+        "reserved (the file's estimate: ~2.5 GB allocated, under 3.5 GB with the context)"
+    )
+    print(notes[-1], flush=True)
+
+    # 4. decoding speed (random weights of the gpt100m shape)
+    gen = generation_speed(ROOT / "configs/gpt100m.toml", device, a.gen_tokens, a.smoke)
+    size = "the smoke model" if a.smoke else "the gpt100m shape"
+    notes.append(f"single-stream decoding, {size}, model.generate: {gen:,.0f} tokens/s")
+    print(notes[-1], flush=True)
 
     import accelerate
 
     cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     head = (
-        f"\n### {card}, {time.strftime('%Y-%m-%d')}\n\n"
+        f"\n### {card}, {time.strftime('%Y-%m-%d')}{' (smoke: tiny shapes)' if a.smoke else ''}\n\n"
         f"torch {torch.__version__}, accelerate {accelerate.__version__}, CUDA {torch.version.cuda}; "
         f"matmul peak measured {peak / 1e12:.1f} TFLOP/s; compile={a.compile}; data={'corpus tokens' if a.data else 'random tokens'}; `{cmd}`\n\n"
-        "| shape (batch x context) | tokens/s | MFU vs measured peak | MFU vs data sheet | peak memory GiB | step ms p10 / p50 / p90 |\n"
-        "|---|---:|---:|---:|---:|---|\n"
+        "| recipe | shape (batch x context) | tokens/s | MFU vs measured peak | MFU vs data sheet | peak memory GiB | step ms p10 / p50 / p90 |\n"
+        "|---|---|---:|---:|---:|---:|---|\n"
     )
     body = "".join(
-        f"| {r['shape']} | {r['tokens_per_s']:,} | {100 * r['mfu']:.1f}% | "
+        f"| {r['recipe']} | {r['shape']} | {r['tokens_per_s']:,} | {100 * r['mfu']:.1f}% | "
         f"{'%.1f%%' % (100 * r['mfu_sheet']) if r['mfu_sheet'] else 'n/a'} | {r['peak_mem_gib']:.1f} | "
         f"{r['step_ms_p10']:.1f} / {r['step_ms_p50']:.1f} / {r['step_ms_p90']:.1f} |\n"
         for r in results
@@ -241,7 +297,7 @@ def main() -> None:
             "# Benchmark results\n\nRows appended by bench/gpu.py (GPU) and written by hand from bench/pipeline.py and bench/cpu_train.py.\n"
         )
     with open(p, "a", encoding="utf-8") as f:
-        f.write(head + body + (f"\n{loss_note}\n" if loss_note else ""))
+        f.write(head + body + "".join(f"\n{n}\n" for n in notes))
     print(f"appended to {p}")
 
 
