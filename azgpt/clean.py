@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .corpus import (
+    Continued,
     WikiText,
     batched,
     continues,
@@ -274,6 +275,8 @@ def _documents(files, report: CleanReport, text_field: str, lines: LineFilter | 
         if lines is not None and site is not None:
             text, removed = lines.apply(site, text)
             report.boilerplate_lines += removed
+            if more and removed:
+                text = Continued(text)  # still a part the next item continues
         yield text, nbytes, site is not None, whole
 
 

@@ -253,9 +253,51 @@ def _iter_txt(f, stats: Counter, line_docs: bool) -> Iterator[str]:
         yield "\n".join(lines)
 
 
+def _lines(f, limit: int) -> Iterator[tuple[bytes, Iterator[bytes] | None]]:
+    """(line, None) for lines up to `limit` bytes; (first `limit` bytes, an iterator over the
+    rest of the line) for longer ones (the caller must exhaust it before asking for more)."""
+    while raw := f.readline(limit):
+        if len(raw) < limit or raw.endswith(b"\n"):
+            yield raw, None
+            continue
+
+        def rest():
+            while chunk := f.readline(limit):
+                yield chunk
+                if chunk.endswith(b"\n"):
+                    return
+
+        yield raw, rest()
+
+
 def _iter_jsonl(p: Path, f, stats: Counter, text_field: str) -> Iterator[str]:
+    from . import longrecords
+
     good = 0
-    for raw in f:
+    for raw, rest in _lines(f, longrecords.LINE_BYTES):
+        if rest is not None:  # a line too long to hold: scanned as a stream
+            with longrecords.new_spool() as spool:
+                try:
+                    found, url, info = longrecords.stream_record(raw, rest, text_field, spool)
+                except longrecords.BadLine:
+                    found = None
+                for _ in rest:  # the rest of a bad line
+                    pass
+                if found is None:
+                    stats["bad_json_lines"] += 1
+                    continue
+                if info.get("invalid_utf8"):
+                    stats["invalid_utf8_lines"] += 1
+                if not found:
+                    stats["missing_text_field"] += 1
+                    continue
+                good += 1
+                stats["long_records_in_parts"] += 1
+                site = _site(url)
+                pieces = longrecords.spooled_pieces(spool)
+                for part in longrecords.parts(pieces, PART_CHARS, Continued):
+                    yield part, site
+            continue
         if not raw.strip():
             continue
         try:
@@ -268,7 +310,13 @@ def _iter_jsonl(p: Path, f, stats: Counter, text_field: str) -> Iterator[str]:
             stats["missing_text_field"] += 1
             continue
         good += 1
-        yield text, _site(obj.get("url"))
+        site = _site(obj.get("url"))
+        del obj, raw
+        if len(text) <= PART_CHARS:
+            yield text, site
+            continue
+        for part in longrecords.parts(iter((text,)), PART_CHARS, Continued):
+            yield part, site
     if good == 0:
         raise UserError(
             f"no line of {p} has a string field {text_field!r}; choose the field with --text-field."
@@ -333,15 +381,59 @@ def _iter_parquet(p: Path, stats: Counter, text_field: str) -> Iterator[tuple[st
             # One row group at a time, handed over in batches of 1,024 rows: Arrow holds one row
             # group's columns, Python one batch of strings.
             for batch in pf.iter_batches(batch_size=1024, row_groups=[i], columns=cols):
-                texts = batch.column(0).to_pylist()
-                urls = batch.column(1).to_pylist() if len(cols) > 1 else [None] * len(texts)
-                for text, url in zip(texts, urls):
+                col = batch.column(0)
+                urls = batch.column(1).to_pylist() if len(cols) > 1 else [None] * len(col)
+                for text, url in zip(_parquet_texts(pa, col, stats), urls):
                     if text is None:
                         stats["missing_text_field"] += 1
                         continue
-                    yield text, _site(url)
+                    if isinstance(text, str):
+                        yield text, _site(url)
+                        continue
+                    site = _site(url)
+                    for part in text:  # a value longer than a part, in parts
+                        yield part, site
     except (pa.ArrowException, OSError) as e:
         raise _parquet_error(p, e) from None
+
+
+def _parquet_texts(pa, col, stats: Counter) -> Iterator:
+    """The column's values: str, None, or for a value over PART_CHARS bytes an iterator over its
+    parts, decoded straight from Arrow's buffer (a Python str of the whole value never exists)."""
+    import numpy as np
+
+    from . import longrecords
+
+    t = col.type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t)) or len(col) == 0:
+        yield from col.to_pylist()
+        return
+    bufs = col.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int64 if pa.types.is_large_string(t) else np.int32)
+    offsets = offsets[col.offset : col.offset + len(col) + 1]
+    if int((offsets[1:] - offsets[:-1]).max()) <= PART_CHARS:
+        yield from col.to_pylist()
+        return
+    data = memoryview(bufs[2]) if bufs[2] is not None else memoryview(b"")
+    for i in range(len(col)):
+        if not col[i].is_valid:
+            yield None
+            continue
+        a, b = int(offsets[i]), int(offsets[i + 1])
+        if b - a <= PART_CHARS:
+            yield col[i].as_py()
+            continue
+        stats["long_records_in_parts"] += 1
+        yield longrecords.parts(_utf8_pieces(data[a:b]), PART_CHARS, Continued)
+
+
+def _utf8_pieces(view: memoryview, size: int = 1 << 20) -> Iterator[str]:
+    import codecs
+
+    dec = codecs.getincrementaldecoder("utf-8")("replace")
+    for k in range(0, len(view), size):
+        yield dec.decode(view[k : k + size])
+    yield dec.decode(b"", final=True)
 
 
 def _parquet_error(p: Path, e: Exception) -> UserError:
@@ -491,12 +583,42 @@ def _iter_mediawiki(p: Path, f, stats: Counter, raw: bool = False) -> Iterator[s
         )
 
 
+# mwparserfromhell rescans the rest of the page for each unclosed paired tag (`<ref>` with no
+# `</ref>`) and, within a line, for each unclosed `[` (its open issue #364): measured on this
+# VM, 200 unclosed <ref> in a 600 KB page took 8.4 s, 2,000 unclosed `[http://` on one 20 KB
+# line 2.1 s, i.e. 5-7e-8 s per unit of `parse_cost`. A page over WIKI_PARSE_BUDGET (~1-1.5 s)
+# is skipped, counted and named in the report instead of holding clean for minutes.
+WIKI_PARSE_BUDGET = 20_000_000
+WIKI_NAMED = 20  # over-budget pages named in the report, at most
+_PAIRED = (
+    "ref|span|div|small|big|sup|sub|center|font|s|u|code|nowiki|poem|blockquote|math|gallery|"
+    "syntaxhighlight|source|pre|noinclude|includeonly|onlyinclude|p|i|b|em|strong"
+)
+_OPEN_TAG = re.compile(rf"<({_PAIRED})\b[^<>]*(?<!/)>", re.I)
+_CLOSE_TAG = re.compile(rf"</({_PAIRED})\s*>", re.I)
+
+
+def parse_cost(wikitext: str) -> int:
+    """An estimate of mwparserfromhell's work on a page, linear to compute: unclosed paired
+    tags times the page's length, plus per line its unclosed `[` times the line's length."""
+    unclosed = Counter(m.group(1).lower() for m in _OPEN_TAG.finditer(wikitext))
+    unclosed.subtract(m.group(1).lower() for m in _CLOSE_TAG.finditer(wikitext))
+    cost = sum(max(0, n) for n in unclosed.values()) * len(wikitext)
+    for line in wikitext.split("\n"):
+        extra = line.count("[") - line.count("]")
+        if extra > 0:
+            cost += extra * len(line)
+    return cost
+
+
 def _page_text(page, stats: Counter) -> str | None:
-    ns = text = None
+    ns = text = title = None
     redirect = False
     for child in page:
         tag = _local(child.tag)
-        if tag == "ns":
+        if tag == "title":
+            title = (child.text or "").strip()
+        elif tag == "ns":
             ns = (child.text or "").strip()
         elif tag == "redirect":
             redirect = True
@@ -509,6 +631,11 @@ def _page_text(page, stats: Counter) -> str | None:
         return None
     if redirect or (text or "").lstrip().lower().startswith("#redirect"):
         stats["wiki_redirects"] += 1
+        return None
+    if text and parse_cost(text) > WIKI_PARSE_BUDGET:
+        stats["wiki_pages_over_parse_budget"] += 1
+        if stats["wiki_pages_over_parse_budget"] <= WIKI_NAMED:
+            stats[f"wiki_page_over_parse_budget: {title}"] += 1
         return None
     return text
 

@@ -306,3 +306,24 @@ def test_all_null_text_column_names_the_field_not_no_filter(capsys, tmp_path, no
     err = one_sentence_error(capsys, argv, p, "'text'", "3 records", "--text-field")
     assert "--no-filter" not in err
     assert not out.exists()
+
+
+def test_wiki_page_over_the_parse_budget_is_skipped_counted_and_named(capsys, tmp_path):
+    """Unclosed <ref> tags make mwparserfromhell rescan the page once per tag (its issue #364):
+    400 of them in a 60 KB page would take seconds, in a 400 KB page minutes."""
+    from azgpt.corpus import WIKI_PARSE_BUDGET, parse_cost
+
+    para = "Bakı Azərbaycanın paytaxtıdır və Xəzər dənizinin sahilində yerləşir. " * 2
+    trap = "".join(f"<ref>qeyd {i} {para}\n" for i in range(400))
+    assert parse_cost(trap) > WIKI_PARSE_BUDGET
+    assert parse_cost(BAKI) < WIKI_PARSE_BUDGET // 100  # closed refs, links, templates
+    p = tmp_path / "azwiki-pages-articles.xml.bz2"
+    p.write_bytes(bz2.compress(dump([page("Bakı", 0, BAKI), page("Tələ", 0, trap)])))
+    out, rep = tmp_path / "o.txt", tmp_path / "r.json"
+    rc, stdout, err = run(capsys, ["clean", p, "--out", out, "--report", rep, "--workers", "1"])
+    assert rc == 0, err
+    assert read_output_docs(out) == [BAKI_TEXT]
+    inp = json.loads(rep.read_text())["input"]
+    assert inp["wiki_pages_over_parse_budget"] == 1
+    assert inp["wiki_page_over_parse_budget: Tələ"] == 1
+    assert "Tələ" in stdout
