@@ -42,16 +42,6 @@ class SFTConfig:
     """Share of the conversations held out for validation (chosen by a hash of each)."""
     evals_per_epoch: int = 2
     """Evaluations (and checkpoints) per epoch, unless train.eval_interval is given."""
-    lora: bool = False
-    """Train LoRA adapters (peft) instead of every weight; `--lora` sets it."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: float = 32.0
-    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
-    lora_dropout: float = 0.0
-    """Dropout on the adapters' input."""
-    lora_targets: str = "c_attn,c_q,c_k,c_v,attn.c_proj,c_fc,c_gate,mlp.c_proj"
-    """Comma-separated module names (suffixes) that get adapters; absent ones are skipped."""
 
     def validate(self) -> None:
         if not self.epochs > 0:
@@ -64,10 +54,6 @@ class SFTConfig:
             raise UserError(f"sft.val_fraction must be in [0, 1), got {self.val_fraction}.")
         if self.evals_per_epoch < 1:
             raise UserError(f"sft.evals_per_epoch must be at least 1, got {self.evals_per_epoch}.")
-        if self.lora_r < 1:
-            raise UserError(f"sft.lora_r must be at least 1, got {self.lora_r}.")
-        if not 0 <= self.lora_dropout < 1:
-            raise UserError(f"sft.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
 
 
 # Train keys the fine-tuning defaults set; a user's value for one of them wins.
@@ -89,7 +75,7 @@ def _set_sft(sft: SFTConfig, key: str, value, from_cli: bool) -> None:
 
 
 def build_config(
-    base: Path, base_meta: dict, data: list[str], out: str | None, config_path, overrides, lora
+    base: Path, base_meta: dict, data: list[str], out: str | None, config_path, overrides
 ):
     """(RunConfig, SFTConfig) for fine-tuning `base` on `data`; see the module docstring."""
     from .checkpoint import read_json
@@ -131,8 +117,6 @@ def build_config(
     for section, key, value, cli in given:
         if section == "sft":
             _set_sft(sft, key, value, cli)
-    if lora:
-        sft.lora = True
     sft.validate()
 
     tc = cfg.train
@@ -166,7 +150,6 @@ def finetune(
     out: str | None = None,
     config_path: str | None = None,
     overrides: list[str] | None = None,
-    lora: bool = False,
     resume: bool = False,
 ):
     """Fine-tune checkpoint `ckpt` on the conversations in `data`; returns the TrainResult."""
@@ -180,14 +163,9 @@ def finetune(
     if not base.is_dir():
         raise UserError(f"checkpoint folder {base} does not exist; pass --ckpt runs/NAME/best.")
     meta = read_json(base / "meta.json", "the checkpoint is incomplete; use another one.")
-    if meta.get("lora"):
-        raise UserError(
-            f"{base} holds a LoRA adapter; fine-tune its base ({meta['lora'].get('base')}) or "
-            "export a merged model first."
-        )
     tok, sha, tok_path = checkpoint_tokenizer(base, meta)
     check_chat_tokenizer(tok, f"the tokenizer of {base}")
-    cfg, sft, explicit = build_config(base, meta, data, out, config_path, overrides, lora)
+    cfg, sft, explicit = build_config(base, meta, data, out, config_path, overrides)
     cfg.data.tokenizer = str(tok_path)
 
     mc, tc = cfg.model, cfg.train
@@ -221,14 +199,9 @@ def finetune(
             f"{batches.n_train} + {batches.n_val} rows of {mc.block_size}; {tc.max_iters} steps "
             f"({per_epoch:.2f} per epoch), lr {tc.lr:.3g}, from {base}"
         )
-    hook = None
-    if sft.lora:
-        from .lora import lora_hook
-
-        hook = lora_hook(sft, base)
     from .train import train
 
-    result = train(cfg, resume=resume, batches=batches, **({"model_hook": hook} if hook else {}))
+    result = train(cfg, resume=resume, batches=batches)
     if world == 1 or os.environ.get("RANK", "0") == "0":
         rep = {
             **report.as_dict(),
@@ -238,4 +211,9 @@ def finetune(
         rep["sft"] = dataclasses.asdict(sft)
         path = Path(tc.out_dir) / "chat_data.json"
         path.write_text(json.dumps(rep, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        # The held-out conversations as a chat file: `azgpt eval --chat RUN/chat_val.jsonl`
+        # scores the base and the fine-tuned model on exactly what training never saw.
+        with open(Path(tc.out_dir) / "chat_val.jsonl", "w", encoding="utf-8") as f:
+            for c in val_c:
+                f.write(json.dumps({"messages": c.messages}, ensure_ascii=False) + "\n")
     return result

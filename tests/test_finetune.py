@@ -247,3 +247,14 @@ def test_a_tokenizer_without_role_tokens_is_refused_in_one_sentence(chat_base, t
         and "Traceback" not in r.stderr
     )
     assert not out.exists()
+
+
+def test_configs_sft_toml_writes_out_the_defaults():
+    import dataclasses
+    import tomllib
+
+    from azgpt.finetune import SFTConfig
+
+    root = Path(__file__).resolve().parent.parent
+    raw = tomllib.loads((root / "configs" / "sft.toml").read_text(encoding="utf-8"))
+    assert raw["sft"] == dataclasses.asdict(SFTConfig())
