@@ -29,7 +29,7 @@ $(VENV)/.installed: $(VENV)/.core
 setup: $(VENV)/.installed
 
 demo: $(VENV)/.core
-	rm -rf $(DEMO) runs/tiny
+	rm -rf $(DEMO) runs/tiny runs/tiny-sft
 	$(VENV)/bin/azgpt clean data/sample --out $(DEMO)/clean.txt --report $(DEMO)/clean_report.json
 	$(VENV)/bin/azgpt tokenizer train $(DEMO)/clean.txt --vocab-size 2048 --out $(DEMO)/tokenizer
 	$(VENV)/bin/azgpt tokenizer stats --tokenizer $(DEMO)/tokenizer data/sample/dialogue.txt
@@ -38,6 +38,10 @@ demo: $(VENV)/.core
 	$(VENV)/bin/azgpt sample --ckpt runs/tiny/last --prompt "Azərbaycanın paytaxtı" --max-new-tokens 40 --num-samples 2
 	$(VENV)/bin/azgpt eval --ckpt runs/tiny/best --tokens $(DEMO)/data/val.npy --probes
 	$(VENV)/bin/azgpt report runs/tiny
+	$(VENV)/bin/azgpt finetune --ckpt runs/tiny/best --data data/chat --out runs/tiny-sft
+	$(VENV)/bin/azgpt eval --ckpt runs/tiny/best --chat runs/tiny-sft/chat_val.jsonl
+	$(VENV)/bin/azgpt eval --ckpt runs/tiny-sft/best --chat runs/tiny-sft/chat_val.jsonl
+	printf 'Salam!\nAzərbaycanın paytaxtı hansı şəhərdir?\n' | $(VENV)/bin/azgpt chat --ckpt runs/tiny-sft/best --temperature 0 --max-new-tokens 60
 	@echo
 	@echo "demo done:"
 	@echo "  cleaned text     $(DEMO)/clean.txt (report: $(DEMO)/clean_report.json)"
@@ -45,6 +49,7 @@ demo: $(VENV)/.core
 	@echo "  token files      $(DEMO)/data/train.npy, val.npy, manifest.json"
 	@echo "  checkpoints      runs/tiny/last, runs/tiny/best (model.safetensors, config.json, meta.json)"
 	@echo "  metrics, plots   runs/tiny/metrics.jsonl, runs/tiny/loss.png, runs/tiny/report/report.md"
+	@echo "  chat model       runs/tiny-sft/best (fine-tuned on data/chat; try: azgpt chat --ckpt runs/tiny-sft/best)"
 
 # The serve playground's browser test drives Debian's chromium (never a downloaded browser);
 # installed once per machine when missing (without it that test is skipped).
