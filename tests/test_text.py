@@ -392,3 +392,30 @@ def test_language_verdict_keeps_every_sample_document(sample_docs):
 def test_language_verdict_threshold():
     assert language_verdict(AZ, 0.0) is None
     assert language_verdict(AZ, 1.0) == "not_azerbaijani"
+
+
+def test_cp1254_text_read_as_cp1251_is_read_back():
+    """A page in cp1254 decoded as cp1251 (a wrong charset declaration): ı ş ç ö ü ğ ä and
+    capitals came out as Cyrillic letters inside Latin words."""
+    right = (
+        "Bakı şəhəri Xəzər dənizinin sahilində yerləşir. Azərbaycan Respublikasının Konstitusiyası."
+    )
+    legacy = right.replace("ə", "ä")  # cp1254 has no ə: old pages wrote ä
+    bad = legacy.encode("cp1254").decode("cp1251")
+    assert "Respublikasэnэn" in bad
+    text, stats = clean_document(bad)
+    assert text == right
+    assert stats["cp1254_read_as_cp1251"] == sum(c != d for c, d in zip(bad, legacy))
+    caps = "QIŞ GÜNÜ, ÇÖL, İĞDIR".encode("cp1254").decode("cp1251")
+    assert clean_document(caps)[0] == "QIŞ GÜNÜ, ÇÖL, İĞDIR"
+    # A word with no Latin letter left in it is not touched: it may be Russian.
+    only = "ÇÖŞ".encode("cp1254").decode("cp1251")
+    assert clean_document(only)[0] == only
+
+
+def test_cyrillic_words_and_lone_lookalike_p_are_not_read_as_cp1254():
+    ru = "Москва — столица России, Вася пошёл домой; модель iPhone и Tesla."
+    assert clean_document(ru)[0] == ru
+    # Cyrillic р alone in a Latin word is a look-alike of p, not a misread ğ.
+    text, stats = clean_document("Bu рrezident haqqında yazıdır.")
+    assert text == "Bu prezident haqqında yazıdır." and not stats["cp1254_read_as_cp1251"]
