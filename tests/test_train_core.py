@@ -377,15 +377,16 @@ def test_two_process_run_killed_mid_checkpoint_resumes_like_an_uninterrupted_run
 def test_fsdp_muon_on_whole_matrices_trains_the_same_model_as_one_process(
     data, tmp_path, monkeypatch
 ):
-    """llama + Muon under FSDP: each sharded matrix is gathered whole for Newton-Schulz (the
-    rows of a shard alone would be another update), so 2 sharded processes train the same model
-    as 1 process with the same global batch."""
+    """llama + Muon under FSDP, with gradient accumulation: each sharded matrix is gathered whole
+    for Newton-Schulz (the rows of a shard alone would be another update), so 2 sharded processes
+    train the same model as 1 process with the same global batch."""
     tok, d = data
     over = {
         "model.arch": "llama",
         "model.n_kv_head": 1,
         "model.tie_embeddings": "false",
         "train.optimizer": "muon",
+        "train.grad_accum": 2,  # gradients reduce-scattered after the second micro-batch only
         "train.stop_at": 4,
         "train.eval_interval": 4,
         "train.sample_tokens": 0,
@@ -445,7 +446,8 @@ def test_the_training_step_compiles_without_graph_breaks():
 def test_every_shipped_config_parses():
     import yaml
 
-    tomls = sorted((ROOT / "configs").glob("*.toml"))
+    # configs/sft*.toml are `azgpt finetune`'s run files (an [sft] table), tested with it
+    tomls = sorted(p for p in (ROOT / "configs").glob("*.toml") if not p.name.startswith("sft"))
     assert len(tomls) >= 4
     assert ROOT / "configs/seed_day21.toml" in tomls
     for p in tomls:
