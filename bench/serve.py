@@ -150,7 +150,7 @@ def long_prompts(base: str, n_prompt: int, clients: int = 8) -> dict:
     stop = threading.Event()
 
     def runner():
-        body = {"prompt": PROMPTS[0], "options": {"num_predict": 100_000, "ignore_eos": True}}
+        body = {"prompt": PROMPTS[0], "options": {"num_predict": -1, "ignore_eos": True}}
         with requests.post(f"{base}/api/generate", json=body, stream=True, timeout=3600) as r:
             last = None
             for _line in r.iter_lines():
