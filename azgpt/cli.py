@@ -188,7 +188,7 @@ def cmd_train(a, overrides: list[str]) -> int:
 def cmd_finetune(a, overrides: list[str]) -> int:
     from .finetune import finetune
 
-    result = finetune(a.ckpt, a.data, a.out, a.config, overrides, resume=a.resume)
+    result = finetune(a.ckpt, a.data, a.out, a.config, overrides, resume=a.resume, lora=a.lora)
     return 0 if result.ok else 1
 
 
@@ -488,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ft.add_argument("--out", help="the run folder (default runs/BASE-sft)")
     ft.add_argument("--config", help="TOML file with [sft] and [train] settings (configs/sft.toml)")
+    ft.add_argument(
+        "--lora", action="store_true", help="train LoRA adapters only (peft; sft.lora_* settings)"
+    )
     ft.add_argument(
         "--resume", action="store_true", help="continue from the latest complete checkpoint"
     )

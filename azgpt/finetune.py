@@ -42,6 +42,16 @@ class SFTConfig:
     """Share of the conversations held out for validation (chosen by a hash of each)."""
     evals_per_epoch: int = 2
     """Evaluations (and checkpoints) per epoch, unless train.eval_interval is given."""
+    lora: bool = False
+    """Train LoRA adapters (peft) instead of every weight; `--lora` sets it."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: float = 32.0
+    """LoRA scale numerator: the update B @ A is scaled by lora_alpha / lora_r."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    lora_targets: str = "c_attn,c_q,c_k,c_v,attn.c_proj,c_fc,c_gate,mlp.c_proj"
+    """Comma-separated Linear module names (suffixes) that get adapters; the head never does."""
 
     def validate(self) -> None:
         if not self.epochs > 0:
@@ -54,6 +64,10 @@ class SFTConfig:
             raise UserError(f"sft.val_fraction must be in [0, 1), got {self.val_fraction}.")
         if self.evals_per_epoch < 1:
             raise UserError(f"sft.evals_per_epoch must be at least 1, got {self.evals_per_epoch}.")
+        if self.lora_r < 1:
+            raise UserError(f"sft.lora_r must be at least 1, got {self.lora_r}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"sft.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
 
 
 # Train keys the fine-tuning defaults set; a user's value for one of them wins.
@@ -75,7 +89,13 @@ def _set_sft(sft: SFTConfig, key: str, value, from_cli: bool) -> None:
 
 
 def build_config(
-    base: Path, base_meta: dict, data: list[str], out: str | None, config_path, overrides
+    base: Path,
+    base_meta: dict,
+    data: list[str],
+    out: str | None,
+    config_path,
+    overrides,
+    lora: bool = False,
 ):
     """(RunConfig, SFTConfig) for fine-tuning `base` on `data`; see the module docstring."""
     from .checkpoint import read_json
@@ -117,6 +137,8 @@ def build_config(
     for section, key, value, cli in given:
         if section == "sft":
             _set_sft(sft, key, value, cli)
+    if lora:
+        sft.lora = True
     sft.validate()
 
     tc = cfg.train
@@ -151,6 +173,7 @@ def finetune(
     config_path: str | None = None,
     overrides: list[str] | None = None,
     resume: bool = False,
+    lora: bool = False,
 ):
     """Fine-tune checkpoint `ckpt` on the conversations in `data`; returns the TrainResult."""
     from .chat_template import check_chat_tokenizer
@@ -165,7 +188,7 @@ def finetune(
     meta = read_json(base / "meta.json", "the checkpoint is incomplete; use another one.")
     tok, sha, tok_path = checkpoint_tokenizer(base, meta)
     check_chat_tokenizer(tok, f"the tokenizer of {base}")
-    cfg, sft, explicit = build_config(base, meta, data, out, config_path, overrides)
+    cfg, sft, explicit = build_config(base, meta, data, out, config_path, overrides, lora)
     cfg.data.tokenizer = str(tok_path)
 
     mc, tc = cfg.model, cfg.train
@@ -199,9 +222,16 @@ def finetune(
             f"{batches.n_train} + {batches.n_val} rows of {mc.block_size}; {tc.max_iters} steps "
             f"({per_epoch:.2f} per epoch), lr {tc.lr:.3g}, from {base}"
         )
+    hook = None
+    if sft.lora:
+        from .lora import lora_hook, lora_info
+
+        info = lora_info(sft, base)
+        batches.meta["lora"] = info
+        hook = lora_hook(sft, base, info)
     from .train import train
 
-    result = train(cfg, resume=resume, batches=batches)
+    result = train(cfg, resume=resume, batches=batches, model_hook=hook)
     if world == 1 or os.environ.get("RANK", "0") == "0":
         rep = {
             **report.as_dict(),

@@ -179,7 +179,9 @@ def read_inputs(
     return batches, tok, byte_lens
 
 
-def setup(cfg: RunConfig, resume: bool, accelerator, inputs, fsdp: bool = False) -> Run:
+def setup(
+    cfg: RunConfig, resume: bool, accelerator, inputs, fsdp: bool = False, model_hook=None
+) -> Run:
     """Model and optimizer, restored from the latest checkpoint on resume, or (a new run with
     `train.init_from`) the weights of another run's checkpoint with a fresh optimizer at step 0."""
     from accelerate.utils import set_seed
@@ -222,6 +224,8 @@ def setup(cfg: RunConfig, resume: bool, accelerator, inputs, fsdp: bool = False)
     elif init is not None:
         load_weights(model, init / "model.safetensors")
         accelerator.print(f"starting from the weights of {init} (fresh optimizer, step 0)")
+    if model_hook is not None:  # e.g. LoRA adapters (azgpt/lora.py), once the weights are in
+        model = model_hook(model, ckpt)
     flops_per_token = model.flops_per_token()  # of the whole model, before any sharding
     model.to(accelerator.device)
     mode = compile_mode(cfg, accelerator.device.type)

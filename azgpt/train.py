@@ -37,7 +37,9 @@ from .sample import SAMPLING
 # logger).
 
 
-def train(cfg: RunConfig, resume: bool = False, batches: BatchSource | None = None) -> TrainResult:
+def train(
+    cfg: RunConfig, resume: bool = False, batches: BatchSource | None = None, model_hook=None
+) -> TrainResult:
     """Train (or, with `resume`, continue) the run `cfg` describes, on `batches` (a
     `data.BatchSource`; default: the token files of `data.dir`)."""
     tc = cfg.train
@@ -48,7 +50,7 @@ def train(cfg: RunConfig, resume: bool = False, batches: BatchSource | None = No
     if accelerator.is_main_process:
         lock.acquire()
     try:
-        run = setup(cfg, resume, accelerator, inputs, fsdp)
+        run = setup(cfg, resume, accelerator, inputs, fsdp, model_hook=model_hook)
         return loop(run)
     except torch.cuda.OutOfMemoryError:
         raise UserError(
@@ -220,12 +222,17 @@ def save(run: Run, ev: dict | None) -> dict | None:
         st.evals_without_improvement += 1
     # Host copies, taken before the next step changes anything (under FSDP the gathered state
     # is already a fresh copy).
-    weights = full_model_state(run.model) if run.fsdp else model_state(run.raw)
+    custom = getattr(run.raw, "checkpoint_state", None)  # LoRA: merged weights, the adapter
+    if custom is not None:
+        weights, adapter = custom()
+    else:
+        weights = full_model_state(run.model) if run.fsdp else model_state(run.raw)
+        adapter = {}
     opt = optimizer_state(run.model, run.optimizer)
     run.accelerator.wait_for_everyone()
     if not run.main:
         return None
-    extra = {"rng.torch": torch.get_rng_state()}
+    extra = {"rng.torch": torch.get_rng_state(), **adapter}
     if run.device.type == "cuda":
         extra["rng.cuda"] = torch.cuda.get_rng_state(run.device)
     loader = {"step": st.step, "micro": 0, **data_order(run.cfg, run.world)}
