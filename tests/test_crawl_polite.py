@@ -478,3 +478,43 @@ def test_links_per_page_are_capped(tmp_path):
             assert db.execute("SELECT count(*) FROM urls").fetchone()[0] == 101
             first = db.execute("SELECT url FROM urls WHERE depth=1 ORDER BY id LIMIT 1").fetchone()
         assert first[0] == f"{site.base}/l0"  # in page order
+
+
+def test_a_crawled_hub_page_does_not_survive_clean(tmp_path, capsys):
+    """The pipeline end to end: a site's front page (menu, headlines with times, teasers that
+    are not sentences) and one article, crawled, then cleaned with the defaults: the article is
+    in the corpus, no line of the front page is."""
+    from azgpt.cli import main
+
+    heads = [
+        ("Prezident Bakıda yeni məktəbin açılışında iştirak edib", "Təhsil"),
+        ("Xəzər dənizində güclü külək gözlənilir", "Hava"),
+        ("Gəncədə kitab sərgisi keçiriləcək", "Mədəniyyət"),
+        ("Milli komanda növbəti oyuna hazırlaşır", "İdman"),
+        ("Neftin qiyməti yenidən bahalaşıb", "İqtisadiyyat"),
+        ("Şəkidə turistlərin sayı artıb", "Turizm"),
+    ]
+    menu = "".join(f'<li><a href="/bolme/{i}">{c}</a></li>' for i, (_, c) in enumerate(heads))
+    items = "".join(
+        f'<div class="item"><h3><a href="/n{i}">{h}</a></h3><span>{10 + i}:30</span>'
+        f"<p>{c} xəbərləri bölməsində oxuyun</p></div>"
+        for i, (h, c) in enumerate(heads)
+    )
+    front = (
+        '<html lang="az"><head><meta charset="utf-8"><title>Xəbər portalı</title></head><body>'
+        f"<nav><ul>{menu}</ul></nav><main><h1>Son xəbərlər</h1>{items}</main></body></html>"
+    ).encode()
+    routes = {
+        "/robots.txt": robots("User-agent: *\nAllow: /\n"),
+        "/": ok(front),
+        "/n0": ok(article("Məktəb")),
+    }
+    with serve(routes) as site:
+        _, out = crawl(tmp_path, [f"{site.base}/"])
+    clean = tmp_path / "clean.txt"
+    assert main(["clean", str(out), "--out", str(clean), "--workers", "1"]) == 0
+    capsys.readouterr()
+    text = clean.read_text(encoding="utf-8")
+    assert PROSE[0] in text
+    for h, c in heads:
+        assert h not in text and f"{c} xəbərləri" not in text
