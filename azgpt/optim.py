@@ -99,9 +99,9 @@ class MuonAdamW(torch.optim.Optimizer):
         'original' lr scale sqrt(max(1, rows/cols)), decoupled weight decay), with the same state
         (`momentum_buffer`), computed per shape group: same-shape matrices are stacked and
         orthogonalised in one batched Newton-Schulz, so a step issues a few dozen ops instead of
-        ~30 per matrix (bench/optim.py measures both). Under FSDP each sharded matrix is gathered
-        whole (Newton-Schulz needs the whole matrix), orthogonalised on every process alike, and
-        each process keeps its own rows."""
+        ~30 per matrix (bench/optim.py measures both). Newton-Schulz needs whole matrices: under
+        FSDP each process orthogonalises the matrices it owns and hands back everyone's rows
+        (`_orthogonalise_owned`); shards of another layout are gathered whole on every process."""
         lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
         shapes: dict[tuple, list] = {}
         for p in group["params"]:
@@ -117,25 +117,65 @@ class MuonAdamW(torch.optim.Optimizer):
                 bufs.append(_local(st["momentum_buffer"]))
             torch._foreach_lerp_(bufs, grads, 1 - mom)
             upd = torch._foreach_lerp(grads, bufs, mom) if group["nesterov"] else bufs
-            full = torch.stack([_gather(u, p) for u, p in zip(upd, ps)])  # (G, rows, cols)
-            ortho = newton_schulz(
-                full,
-                group["ns_coefficients"],
-                group["ns_steps"],
-                group["eps"],
-                ns_dtype(device),
-            )
+            ns = (group["ns_coefficients"], group["ns_steps"], group["eps"], ns_dtype(device))
+            group_ = _row_sharded_group(ps)
+            if group_ is not None:  # FSDP: each process orthogonalises the matrices it owns
+                news = _orthogonalise_owned(torch.stack(upd), shape, group_, ns)
+            else:
+                full = torch.stack([_gather(u, p) for u, p in zip(upd, ps)])  # (G, rows, cols)
+                news = [_scatter(o, p) for o, p in zip(newton_schulz(full, *ns).unbind(0), ps)]
             rows, cols = shape[:2]
             scale = math.sqrt(max(1, rows / cols))
             locals_ = [_local(p) for p in ps]
             torch._foreach_mul_(locals_, 1 - lr * wd)
-            news = [_scatter(o, p) for o, p in zip(ortho.unbind(0), ps)]
+            news = [n.to(p.dtype) for n, p in zip(news, locals_)]
             torch._foreach_add_(locals_, news, alpha=-lr * scale)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local piece (an FSDP shard), or the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _row_sharded_group(ps: list):
+    """The process group when every matrix of `ps` is an FSDP shard of whole rows split evenly
+    (one mesh dimension, `Shard(0)`, rows divisible by the process count), else None."""
+    from torch.distributed.tensor import Shard
+
+    p = ps[0]
+    if not hasattr(p, "device_mesh") or p.device_mesh.ndim != 1:
+        return None
+    world = p.device_mesh.size()
+    if world == 1 or p.shape[0] % world:
+        return None
+    if any(tuple(q.placements) != (Shard(0),) for q in ps):
+        return None
+    return p.device_mesh.get_group()
+
+
+def _orthogonalise_owned(local: torch.Tensor, shape, group, ns) -> list[torch.Tensor]:
+    """Newton-Schulz of G row-sharded matrices with the work split over the W processes:
+    matrix i belongs to process i // per (per = ceil(G / W)). One all-to-all brings each owner
+    the W row shards of its matrices, it orthogonalises them whole, a second all-to-all returns
+    each process its rows of every result. Each process computes 1/W of the Newton-Schulz FLOPs
+    (gathering every matrix everywhere computes all of them on every process), for the same
+    traffic as one all-gather. `local`: (G, rows / W, cols), this process's rows."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    g, rows, cols = local.shape[0], shape[0], shape[1]
+    per = -(-g // world)
+    if per * world > g:  # pad to whole owners with zero matrices (orthogonalised to zero)
+        local = torch.cat([local, local.new_zeros(per * world - g, *local.shape[1:])])
+    recv = torch.empty_like(local)
+    dist.all_to_all_single(recv, local.contiguous(), group=group)
+    # recv[s * per + k] is process s's rows of my matrix k: stack the rows in process order
+    mine = recv.view(world, per, rows // world, cols).transpose(0, 1).reshape(per, rows, cols)
+    ortho = newton_schulz(mine, *ns).to(local.dtype)
+    send = ortho.view(per, world, rows // world, cols).transpose(0, 1).contiguous()
+    back = torch.empty_like(send)
+    dist.all_to_all_single(back, send, group=group)
+    return list(back.view(per * world, rows // world, cols)[:g].unbind(0))
 
 
 def _gather(u: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
