@@ -28,7 +28,7 @@ counts and timings. The same ids, settings and seed give the same tokens here as
 - `Decoder` runs many sequences in one KV cache: each iteration decodes one token of every
   running sequence in one forward pass, then prefills at most `prefill_chunk` prompt tokens
   (several short prompts batched, a long one in chunks), so a long prompt delays running
-  streams by one chunk at most.
+  streams by one chunk at most (while nothing is decoding, up to 8 chunks at once).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ GREEDY_BELOW = 1e-5  # temperatures below this decode greedily (1/T would overfl
 MIN_TOP_P = 1e-6  # top_p is clamped to at least this; the most likely token always survives
 SEED_LIMIT = 2**63  # seeds lie in [0, 2**63): what torch.Generator.manual_seed keeps exactly
 MAX_CTX = 4096  # the default context is the smaller of the model's and this
+IDLE_PREFILL_FACTOR = 8  # prefill budget (x prefill_chunk) while no sequence is decoding
 
 
 class SamplingError(ValueError):
@@ -489,14 +490,13 @@ class Decoder:
         """Feed prompt tokens of the first prefilling rows: as many rows as share one length T
         within the chunk budget (short prompts together, a long prompt alone in chunks)."""
         d = self.n_decoding
+        # With no stream decoding there is nobody to stall: a bigger budget cuts the forward
+        # passes (and the time to first token) of a lone long prompt.
+        budget = self.prefill_chunk if d else self.prefill_chunk * IDLE_PREFILL_FACTOR
         first = self.rows[d]
-        T = min(self.prefill_chunk, first.todo)
+        T = min(budget, first.todo)
         k = 1
-        while (
-            d + k < len(self.rows)
-            and self.rows[d + k].todo >= T
-            and (k + 1) * T <= self.prefill_chunk
-        ):
+        while d + k < len(self.rows) and self.rows[d + k].todo >= T and (k + 1) * T <= budget:
             k += 1
         rows = self.rows[d : d + k]
         x = torch.tensor(
