@@ -347,7 +347,9 @@ class Crawler:
             else:
                 # RFC 9309 2.3.1.4: a server error or no answer: all disallowed while it lasts.
                 tries += 1
-                at = now + min(self.opts.retry_base * 2 ** (tries - 1), self.opts.max_crawl_delay)
+                # The backoff counts from the failed answer, not from when it was asked for.
+                wait = min(self.opts.retry_base * 2 ** (tries - 1), self.opts.max_crawl_delay)
+                at = time.time() + wait
                 self.db.execute(
                     "UPDATE hosts SET robots=NULL, robots_tries=?, robots_retry_at=? "
                     "WHERE origin=?",
