@@ -140,32 +140,14 @@ def test_finetune_runs_the_shared_loop_from_the_base_weights(chat_base, chat_sft
 def test_finetune_resume_continues_exactly(chat_base, tmp_path):
     import json
 
-    from trainkit import azgpt
+    from azgpt.cli import main  # in-process: three runs without three interpreter starts
 
     data = str(Path(__file__).resolve().parent.parent / "data" / "chat" / "greetings.jsonl")
     args = ["finetune", "--ckpt", str(chat_base), "--data", data, "--train.batch_size=2"]
-    full = azgpt(
-        *args, "--out", str(tmp_path / "a"), "--train.max_iters=8", "--train.eval_interval=4"
-    )
-    assert full.returncode == 0, full.stderr
-    part = azgpt(
-        *args,
-        "--out",
-        str(tmp_path / "b"),
-        "--train.max_iters=8",
-        "--train.eval_interval=4",
-        "--train.stop_at=4",
-    )
-    assert part.returncode == 0, part.stderr
-    again = azgpt(
-        *args,
-        "--out",
-        str(tmp_path / "b"),
-        "--train.max_iters=8",
-        "--train.eval_interval=4",
-        "--resume",
-    )
-    assert again.returncode == 0, again.stderr
+    common = ["--train.max_iters=8", "--train.eval_interval=4"]
+    assert main([*args, *common, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, *common, "--out", str(tmp_path / "b"), "--train.stop_at=4"]) == 0
+    assert main([*args, *common, "--out", str(tmp_path / "b"), "--resume"]) == 0
 
     def losses(d):
         rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]

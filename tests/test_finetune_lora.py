@@ -69,13 +69,13 @@ def test_merged_logits_equal_base_plus_adapter(chat_base, lora_run):
 
 
 def test_lora_resume_is_exact(chat_base, tmp_path):
+    from azgpt.cli import main  # in-process: three runs without three interpreter starts
+
     args = ["finetune", "--ckpt", str(chat_base), "--data", GREET, "--lora", "--sft.lora_r=4"]
     common = ["--train.batch_size=2", "--train.max_iters=8", "--train.eval_interval=4"]
-    assert azgpt(*args, *common, "--out", str(tmp_path / "a")).returncode == 0
-    r = azgpt(*args, *common, "--out", str(tmp_path / "b"), "--train.stop_at=4")
-    assert r.returncode == 0, r.stderr
-    r = azgpt(*args, *common, "--out", str(tmp_path / "b"), "--resume")
-    assert r.returncode == 0, r.stderr
+    assert main([*args, *common, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, *common, "--out", str(tmp_path / "b"), "--train.stop_at=4"]) == 0
+    assert main([*args, *common, "--out", str(tmp_path / "b"), "--resume"]) == 0
 
     def losses(d):
         rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
@@ -85,7 +85,9 @@ def test_lora_resume_is_exact(chat_base, tmp_path):
     assert set(a) == set(b) and all(a[s] == pytest.approx(b[s], rel=1e-5) for s in a)
 
 
-def test_an_adapter_with_another_base_is_one_sentence(chat_base, tmp_path):
+def test_an_adapter_with_another_base_is_one_sentence(chat_base, tmp_path, capsys):
+    from azgpt.cli import main
+
     base = tmp_path / "base"
     shutil.copytree(Path(chat_base).resolve(), base)
     args = [
@@ -99,17 +101,17 @@ def test_an_adapter_with_another_base_is_one_sentence(chat_base, tmp_path):
         str(tmp_path / "r"),
     ]
     common = ["--train.batch_size=2", "--train.max_iters=4", "--train.eval_interval=2"]
-    assert azgpt(*args, *common, "--train.stop_at=2").returncode == 0
+    assert main([*args, *common, "--train.stop_at=2"]) == 0
     m, _ = load_model(base)  # the base changes under the run
     with torch.no_grad():
         m.transformer.wte.weight.add_(0.01)
     from azgpt.checkpoint import save_model_files
 
     save_model_files(m, base)
-    r = azgpt(*args, *common, "--resume")
-    assert (
-        r.returncode == 2 and "trained on another base" in r.stderr and "Traceback" not in r.stderr
-    )
+    capsys.readouterr()
+    assert main([*args, *common, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "trained on another base" in err and "Traceback" not in err
 
 
 def test_a_lora_checkpoint_exports_merged(lora_run, tmp_path):
