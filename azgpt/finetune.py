@@ -163,6 +163,14 @@ def build_config(
         cfg.validate()
     except ConfigError as e:
         raise UserError(str(e)) from None
+    if sft.lora and tc.optimizer != "adamw":
+        # Adapters are trained with AdamW in every reference LoRA recipe (litgpt, torchtune,
+        # peft's examples); Muon would also leave AdamW's group (all frozen) empty.
+        if "train.optimizer" in explicit:
+            raise UserError(
+                f"--lora trains its adapters with AdamW; drop train.optimizer={tc.optimizer}."
+            )
+        tc.optimizer = "adamw"
     return cfg, sft, explicit
 
 

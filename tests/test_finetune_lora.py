@@ -125,3 +125,24 @@ def test_a_lora_checkpoint_exports_merged(lora_run, tmp_path):
     x = torch.randint(0, 500, (1, 32))
     with torch.no_grad():
         assert (hf(x).logits - ours.eval()(x)).abs().max().item() < 1e-4
+
+
+def test_lora_on_a_muon_llama_base_trains_with_adamw(tmp_path, capsys):
+    from trainkit import make_data, tiny_config
+
+    from azgpt.cli import main
+    from azgpt.train import train
+
+    tok, data = make_data(tmp_path)
+    over = {"model.arch": "llama", "model.qk_norm": True, "train.optimizer": "muon"}
+    train(tiny_config(tok, data, tmp_path / "base", **over, **{"train.max_iters": 4}))
+    args = ["finetune", "--ckpt", str(tmp_path / "base" / "last"), "--data", GREET, "--lora"]
+    short = ["--train.max_iters=2", "--train.eval_interval=2", "--train.batch_size=2"]
+    assert main([*args, *short, "--out", str(tmp_path / "r")]) == 0
+    meta = json.loads((tmp_path / "r" / "last" / "meta.json").read_text())
+    assert meta["config"]["train"]["optimizer"] == "adamw" and meta["lora"]["r"] == 16
+    load_model(tmp_path / "r" / "last")  # the merged llama weights load as a plain model
+    capsys.readouterr()
+    assert main([*args, *short, "--out", str(tmp_path / "m"), "--train.optimizer=muon"]) == 2
+    assert "trains its adapters with AdamW" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
