@@ -13,9 +13,14 @@ DEMO := out/demo
 .PHONY: setup demo test test-all lint bench-cpu corpus-data
 
 # The core install (what `make demo` needs), then the extras and test tools (what `make test`
-# needs). The gguf extra builds llama.cpp from source the first time (llama-cpp-python ships as
-# source): 50 minutes measured on a busy 2-core VM, less when idle; pip caches the wheel, so once
-# per machine.
+# needs). llama-cpp-python ships as source, so the gguf extra compiles llama.cpp: once per machine
+# (the wheel is kept in LLAMA_WHEELS, outside the checkout), 8-50 minutes on 2 cores depending on
+# load. It is built for AVX2, not for the build machine's own CPU: the native build of 0.3.36 on
+# an AVX-512/AMX Xeon segfaulted in every q8_0/q4_0/q4_k_m evaluation (f32/f16 were fine), while
+# the AVX2 build of the same source passed (tests/test_gguf.py).
+LLAMA_CPP ?= llama-cpp-python==0.3.36
+LLAMA_WHEELS ?= $(HOME)/.cache/azgpt/llama-cpp-avx2
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
@@ -23,6 +28,9 @@ $(VENV)/.core: pyproject.toml
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.core
+	ls $(LLAMA_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel -q --no-deps --no-cache-dir "$(LLAMA_CPP)" -w $(LLAMA_WHEELS)
+	$(PY) -m pip install -q $(LLAMA_WHEELS)/llama_cpp_python-*.whl
 	$(PY) -m pip install -q -e ".[dev,gguf,serve,crawl]"
 	touch $@
 
