@@ -243,11 +243,14 @@ def checkpoint_tokenizer(ckpt: str | Path, meta: dict, override: str | None = No
     sha = sha256_file(path)
     want = meta.get("tokenizer_sha256")
     if want and sha != want:
-        hint = (
-            "omit --tokenizer to use the copy inside the checkpoint"
-            if (folder / TOKENIZER_FILE).is_file()
-            else "pass the tokenizer it was trained with"
-        )
+        if override is not None and (folder / TOKENIZER_FILE).is_file():
+            hint = "omit --tokenizer to use the copy inside the checkpoint"
+        elif override is not None:
+            hint = "pass the tokenizer it was trained with"
+        elif path == folder / TOKENIZER_FILE:
+            hint = "the checkpoint's own tokenizer.json was changed; restore it from the run"
+        else:
+            hint = "pass the tokenizer it was trained with as --tokenizer DIR"
         raise UserError(
             f"tokenizer {path} is not the one {folder} was trained with (sha256 differs); {hint}."
         )

@@ -130,6 +130,20 @@ def test_a_wrong_tokenizer_for_the_checkpoint_is_refused(run, data, tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
+def test_a_changed_tokenizer_inside_the_checkpoint_does_not_blame_an_option_never_given(
+    run, tmp_path
+):
+    import shutil
+
+    ck = tmp_path / "ck"
+    shutil.copytree(run / "last", ck)
+    tj = ck / "tokenizer.json"
+    tj.write_text(tj.read_text(encoding="utf-8") + "\n", encoding="utf-8")  # same JSON, new sha256
+    line = _one_sentence(azgpt("sample", "--ckpt", str(ck)))
+    assert "is not the one" in line and "tokenizer.json was changed" in line, line
+    assert "--tokenizer" not in line, line
+
+
 def test_an_untrusted_tokenizer_regex_is_refused(run, tmp_path):
     from azgpt.tokenizer import load_tokenizer
 
