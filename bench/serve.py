@@ -209,11 +209,13 @@ def bench_model(
     repeat: int,
     log: Path,
     long_prompt: int = 0,
+    prefill_chunk: int = 64,
 ):
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "azgpt", "serve", "--ckpt", str(ckpt), "--port", str(port)]
     cmd += ["--max-batch", str(max(levels)), "--device", "cpu"]
+    cmd += ["--prefill-chunk", str(prefill_chunk)]
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -259,6 +261,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs per level; the median is kept")
     ap.add_argument("--demo-ckpt", help="a trained demo checkpoint (default: random weights)")
     ap.add_argument("--long-prompt", type=int, default=480, help="0: skip the long-prompt run")
+    ap.add_argument("--prefill-chunk", type=int, default=64, help="the server's --prefill-chunk")
     a = ap.parse_args()
 
     from azgpt.tokenizer import save_tokenizer, train_tokenizer
@@ -278,7 +281,7 @@ def main() -> None:
             ckpt = make_checkpoint(ROOT / "configs" / config, work / "tok", work / label)
         info, rows = bench_model(
             label, ckpt, levels, a.tokens, a.threads, a.repeat, work / f"{label}.log",
-            a.long_prompt if label == "gpt100m" else 0,
+            a.long_prompt if label == "gpt100m" else 0, a.prefill_chunk,
         )  # fmt: skip
         seq = next(r for r in rows if r["sequential"])
         c8 = next((r for r in rows if r["clients"] == 8 and not r["sequential"]), None)
