@@ -362,7 +362,8 @@ class GPT(nn.Module):
         rope = None
         if self.llama:  # positions enter as rotations of queries and keys, per row with a cache
             c = self.config
-            rope = rotary(pos, c.n_embd // c.n_head, c.rope_theta, self.transformer.wte.weight.dtype)
+            dtype = self.transformer.wte.weight.dtype  # a quantized lm_head has no weight
+            rope = rotary(pos, c.n_embd // c.n_head, c.rope_theta, dtype)
             x = self.transformer.drop(self.transformer.wte(idx))
         else:
             x = self.transformer.drop(
