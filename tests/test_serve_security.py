@@ -195,10 +195,21 @@ def test_a_long_chat_drops_its_oldest_messages(guarded):
     assert r.status_code == 200 and "messages_dropped" not in r.json()
 
 
-def test_the_page_trims_its_chat_history():
-    """The playground keeps its history within the server's limits (read from /health)."""
+def test_the_page_trims_its_chat_history_and_takes_the_servers_defaults(guarded):
+    """The playground keeps its history within the server's limits and samples with the
+    server's defaults, both read from /health (which reports SamplingParams')."""
+    from azgpt.generate import DEFAULTS
+
     page = (Path(__file__).parents[1] / "azgpt/serve/static/index.html").read_text()
-    assert "max_messages" in page and "history.shift()" in page
+    assert "max_messages" in page and "history.shift()" in page and "h.defaults" in page
+    d = requests.get(guarded + "/health", timeout=10).json()["defaults"]
+    assert d == {
+        "temperature": DEFAULTS.temperature,
+        "top_k": DEFAULTS.top_k,
+        "top_p": DEFAULTS.top_p,
+        "max_tokens": DEFAULTS.max_tokens,
+    }
+    assert f'id="top_k" type="number" min="0" step="1" value="{DEFAULTS.top_k}"' in page
 
 
 def test_extreme_sampling_on_a_padded_model_beside_other_streams(loaded):  # noqa: F811

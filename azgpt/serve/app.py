@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import UserError
+from ..generate import DEFAULTS
 from . import ollama, openai
 from .common import Server, read_body, server
 from .engine import Engine
@@ -116,6 +117,12 @@ def create_app(
             "model": name,
             "context": engine.block_size,
             "parameters": engine.model.num_params(),
+            "defaults": {
+                "temperature": DEFAULTS.temperature,
+                "top_k": DEFAULTS.top_k,
+                "top_p": DEFAULTS.top_p,
+                "max_tokens": min(limits.default_tokens, limits.max_tokens),
+            },
             "max_messages": limits.max_messages,
             "max_prompt_chars": limits.max_prompt_chars,
             **engine.status(),
