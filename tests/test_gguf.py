@@ -729,12 +729,16 @@ def test_existing_output_needs_force(run, tmp_path, capsys):
     _fails(capsys, _gguf_args(run[0], out), "exists", "--force")
     assert out.read_bytes() == b"keep" and not (tmp_path / "Modelfile").exists()
     out.unlink()
+    # A Modelfile that azgpt did not write is kept; this export's goes beside it as m.Modelfile.
     (tmp_path / "Modelfile").write_text("mine")
-    _fails(capsys, _gguf_args(run[0], out), "Modelfile", "--force")
-    assert not out.exists() and (tmp_path / "Modelfile").read_text() == "mine"
+    assert main([str(a) for a in _gguf_args(run[0], out)]) == 0
+    assert out.read_bytes()[:4] == b"GGUF" and (tmp_path / "Modelfile").read_text() == "mine"
+    assert "FROM ./m.gguf" in (tmp_path / "m.Modelfile").read_text()
+    # --force replaces azgpt's own files (both of them), and only those.
+    before = out.stat().st_mtime_ns
     assert main([str(a) for a in _gguf_args(run[0], out, "--force")]) == 0
-    assert out.read_bytes()[:4] == b"GGUF"
-    assert "FROM ./m.gguf" in (tmp_path / "Modelfile").read_text()
+    assert out.read_bytes()[:4] == b"GGUF" and out.stat().st_mtime_ns >= before
+    assert (tmp_path / "Modelfile").read_text() == "mine"
 
 
 def test_out_is_a_folder(run, tmp_path, capsys):
