@@ -30,7 +30,7 @@ SPECIAL_TOKENS = [
 ]
 
 # Pre-tokenizer candidates (regexes that cut text into pieces before BPE). Measured on FLORES-200
-# azj_Latn dev with 32k vocabularies trained on the shared corpus; see bench/RESULTS.md and
+# azj_Latn dev with 32k vocabularies trained on the shared corpus; see docs/results.md and
 # `python bench/pipeline.py`.
 #  - "gpt4" (the default): cl100k-style regex (leading punctuation attaches to words, digits of
 #    1-3). It is exactly Llama-3's regex, which llama.cpp implements natively as its `llama-bpe`

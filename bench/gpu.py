@@ -3,7 +3,7 @@ AdamW: configs/gpt100m.toml; llama + Muon: configs/gpt100m_modern.toml) at each 
 shape (steady-state tokens/s, MFU against the measured peak and the data sheet, peak memory,
 step-time spread), a loss-curve check per recipe (compiled vs plain, same seed), the peak
 memory of configs/gpt100m_4gb.toml at its own shape, and single-stream decoding speed. Rows are
-appended to bench/RESULTS.md with the card, date, versions and command. bench/gpu.sh runs this,
+appended to docs/results.md with the card, date, versions and command. bench/gpu.sh runs this,
 the optimizer-step benchmark and the `gpu`-marked tests.
 
     python bench/gpu.py                                   # 12x512 and 32x1024
@@ -169,7 +169,7 @@ def main() -> None:
     )
     ap.add_argument("--gen-tokens", type=int, default=256, help="tokens of the decoding check")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: a CPU run of every path")
-    ap.add_argument("--results", default=str(ROOT / "bench/RESULTS.md"))
+    ap.add_argument("--results", default=str(ROOT / "docs/results.md"))
     a = ap.parse_args()
 
     import torch

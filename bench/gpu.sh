@@ -7,12 +7,12 @@
 #   2. bench/optim.py: the optimizer step alone at the gpt100m_modern shape (aten ops, host
 #      time, step time against torch.optim.Muon and fused AdamW);
 #   3. the `gpu`-marked tests (bf16 + compile, fp16 loss scaling), when pytest is installed.
-# Rows go to bench/RESULTS.md. Real corpus tokens are used when out/az/data + out/az/tokenizer
+# Rows go to docs/results.md. Real corpus tokens are used when out/az/data + out/az/tokenizer
 # exist (`make corpus-data`, then carry those two folders along), else random tokens. Extra
 # arguments go to bench/gpu.py, e.g. `bash bench/gpu.sh --compile reduce-overhead`.
 #
 #   bash bench/gpu.sh --cpu     # the same paths at tiny shapes on a CPU (CI: a minute or two);
-#                               # results go to a temporary file, not bench/RESULTS.md
+#                               # results go to a temporary file, not docs/results.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

@@ -11,7 +11,7 @@ Two measurements per optimizer:
     python bench/optim.py                                  # CPU: both measurements, a table
     python bench/optim.py --device cuda --real-config configs/gpt100m_modern.toml
     python bench/optim.py --steps 2 --real-config configs/tiny.toml --meta-config configs/tiny.toml  # smoke
-    python bench/optim.py --append                         # also append the table to bench/RESULTS.md
+    python bench/optim.py --append                         # also append the table to docs/results.md
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--real-config", default="configs/small_cpu_modern.toml")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--append", action="store_true", help="append the table to bench/RESULTS.md")
+    ap.add_argument("--append", action="store_true", help="append the table to docs/results.md")
     ap.add_argument("--json", help="also write the rows as JSON here")
     a = ap.parse_args(argv)
     dev = torch.device(a.device)
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
         when = time.strftime("%Y-%m-%d")
         card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor()
         cmd = "python bench/optim.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
+        with open(ROOT / "docs" / "results.md", "a", encoding="utf-8") as f:
             f.write(
                 f"\n### Optimizer step ({when}, {card or dev.type}, torch {torch.__version__})\n\n"
                 f"`{cmd.strip()}`\n\n" + "\n".join(lines) + "\n"
