@@ -15,7 +15,13 @@ import dataclasses
 import inspect
 import typing
 
-from . import config
+from . import config, finetune
+
+SFT_NOTE = (
+    "`azgpt finetune` only (defaults written out in `configs/sft.toml`): the fine-tuning\n"
+    "settings, relative to the base run's own. Everything not set here comes from the base\n"
+    "checkpoint's run; a `[train]` key given explicitly wins. See [finetune.md](finetune.md)."
+)
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -74,11 +80,14 @@ def render() -> str:
         "lists what is valid. The resolved configuration is saved in every checkpoint's `meta.json`.",
         "Examples: `configs/*.toml`; how training uses them: [training.md](training.md).",
     ]
-    for section in dataclasses.fields(config.RunConfig):
-        cls = run_hints[section.name]
+    sections = [(f.name, run_hints[f.name], None) for f in dataclasses.fields(config.RunConfig)]
+    sections.append(("sft", finetune.SFTConfig, SFT_NOTE))
+    for name, cls, note in sections:
         docs = field_docs(cls)
         hints = typing.get_type_hints(cls)
-        lines += ["", f"## `[{section.name}]`", ""]
+        lines += ["", f"## `[{name}]`", ""]
+        if note:
+            lines += [note, ""]
         if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):
             lines += [inspect.cleandoc(cls.__doc__), ""]
         lines += ["| key | type | default | meaning |", "|---|---|---|---|"]

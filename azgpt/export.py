@@ -151,8 +151,14 @@ def _hf_llama(c, eot: int | None, pad: int | None):
     from .model import RMS_EPS
 
     if c.qk_norm:
-        from transformers import Qwen3Config as Config
-        from transformers import Qwen3ForCausalLM as Model
+        try:
+            from transformers import Qwen3Config as Config
+            from transformers import Qwen3ForCausalLM as Model
+        except ImportError:  # transformers < 4.51
+            raise UserError(
+                "exporting a llama model with qk_norm needs Qwen3ForCausalLM from transformers "
+                "4.51 or later; upgrade it with `pip install -U 'transformers>=4.51'`."
+            ) from None
     else:
         from transformers import LlamaConfig as Config
         from transformers import LlamaForCausalLM as Model

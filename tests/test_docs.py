@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from azgpt import config, configdoc
+from azgpt.finetune import SFTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -40,11 +41,13 @@ def test_config_reference_is_current():
 
 
 def test_every_config_key_has_a_description():
-    for section in dataclasses.fields(config.RunConfig):
-        cls = type(getattr(config.RunConfig(), section.name))
+    classes = [
+        type(getattr(config.RunConfig(), s.name)) for s in dataclasses.fields(config.RunConfig)
+    ]
+    for cls in [*classes, SFTConfig]:
         docs = configdoc.field_docs(cls)
         missing = [f.name for f in dataclasses.fields(cls) if f.init and not docs.get(f.name)]
-        assert not missing, f"[{section.name}] keys without a docstring in config.py: {missing}"
+        assert not missing, f"{cls.__name__} keys without a docstring: {missing}"
 
 
 def test_the_reference_lists_every_key_with_its_default():
@@ -53,7 +56,9 @@ def test_the_reference_lists_every_key_with_its_default():
     for section in dataclasses.fields(config.RunConfig):
         for f in dataclasses.fields(getattr(cfg, section.name)):
             assert f"| `{f.name}` |" in text, f"{section.name}.{f.name} missing"
-    assert "| `lr` | float |" in text and "| `arch` | str | `\"gpt2\"` |" in text
+    for f in dataclasses.fields(SFTConfig):
+        assert f"| `{f.name}` |" in text, f"sft.{f.name} missing"
+    assert "| `lr` | float |" in text and '| `arch` | str | `"gpt2"` |' in text
 
 
 def test_every_link_in_the_readme_and_docs_resolves():
@@ -79,7 +84,9 @@ def test_messages_that_point_to_documentation_name_pages_that_exist():
         text = src.read_text(encoding="utf-8")
         named.update(re.findall(r"docs/[\w.-]+\.md", text))
         # The README is short and points into docs/: a message must name the page itself.
-        stale += [f"{src.relative_to(ROOT)}: {m}" for m in re.findall(r"see the README[^\"']*", text)]
+        stale += [
+            f"{src.relative_to(ROOT)}: {m}" for m in re.findall(r"see the README[^\"']*", text)
+        ]
     missing = sorted(p for p in named if not (ROOT / p).is_file())
     assert not missing, f"messages point to pages that do not exist: {missing}"
     assert not stale, stale
@@ -93,7 +100,15 @@ def test_the_readme_stays_short_and_names_the_two_commands():
 
 
 def test_every_stage_has_a_page_that_starts_with_commands_and_ends_with_what_can_go_wrong():
-    for name in ("gathering", "cleaning", "tokenizer", "training", "evaluation", "export", "serving"):
+    for name in (
+        "gathering",
+        "cleaning",
+        "tokenizer",
+        "training",
+        "evaluation",
+        "export",
+        "serving",
+    ):
         text = (ROOT / "docs" / f"{name}.md").read_text(encoding="utf-8")
         body = text.split("\n", 1)[1].lstrip()
         assert body.startswith("```bash"), f"docs/{name}.md does not open with its commands"

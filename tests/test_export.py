@@ -117,3 +117,17 @@ def test_eval_bad_input(run, tmp_path):
     (partial / "config.json").write_text((run[0] / "last" / "config.json").read_text())
     r = azgpt("eval", "--ckpt", str(partial), "--probes")
     assert r.returncode == 2 and "missing" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_transformers_without_qwen3_is_one_sentence(monkeypatch):
+    # transformers < 4.51 has no Qwen3ForCausalLM: exporting a QK-norm model says what to install.
+    import sys
+    import types
+
+    from azgpt.config import ModelConfig
+    from azgpt.export import _hf_llama
+
+    monkeypatch.setitem(sys.modules, "transformers", types.ModuleType("transformers"))
+    c = ModelConfig(arch="llama", qk_norm=True, n_layer=1, n_head=2, n_embd=32, vocab_size=300)
+    with pytest.raises(UserError, match="transformers 4.51 or later"):
+        _hf_llama(c, 0, 1)
