@@ -51,13 +51,20 @@ demo: $(VENV)/.core
 	$(VENV)/bin/azgpt eval --ckpt runs/tiny-sft/best --chat runs/tiny-sft/chat_val.jsonl
 	printf 'Salam!\nAzərbaycanın paytaxtı hansı şəhərdir?\n' | $(VENV)/bin/azgpt chat --ckpt runs/tiny-sft/best --temperature 0 --max-new-tokens 60
 	@echo
-	@echo "demo done:"
-	@echo "  cleaned text     $(DEMO)/clean.txt (report: $(DEMO)/clean_report.json)"
-	@echo "  tokenizer        $(DEMO)/tokenizer/tokenizer.json"
-	@echo "  token files      $(DEMO)/data/train.npy, val.npy, manifest.json"
-	@echo "  checkpoints      runs/tiny/last, runs/tiny/best (model.safetensors, config.json, meta.json)"
-	@echo "  metrics, plots   runs/tiny/metrics.jsonl, runs/tiny/loss.png, runs/tiny/report/report.md"
-	@echo "  chat model       runs/tiny-sft/best (fine-tuned on data/chat; try: azgpt chat --ckpt runs/tiny-sft/best)"
+	@echo "demo done. What each file is (docs/README.md says more, in English and Azerbaijani):"
+	@echo "  $(DEMO)/clean.txt            the sample text, repaired and cleaned (what was dropped and why: clean_report.json)"
+	@echo "                                  təmizlənmiş mətn"
+	@echo "  $(DEMO)/tokenizer/           the vocabulary: how text is cut into tokens, each with a number"
+	@echo "                                  lüğət: mətnin tokenlərə bölünməsi"
+	@echo "  $(DEMO)/data/                the text as token numbers: train.npy to learn from, val.npy to check on"
+	@echo "                                  mətn token nömrələri kimi: öyrənmək və yoxlamaq üçün"
+	@echo "  runs/tiny/best               the trained model (weights, shape, history); loss.png its learning curve"
+	@echo "                                  öyrədilmiş model; loss.png öyrənmə əyrisi"
+	@echo "  runs/tiny/report/report.md   a readable report of the training run"
+	@echo "                                  öyrənmənin hesabatı"
+	@echo "  runs/tiny-sft/best           the same model taught to chat on data/chat: azgpt chat --ckpt runs/tiny-sft/best"
+	@echo "                                  söhbət etməyi öyrənmiş model"
+	@echo "The tiny model memorises the tiny sample: the demo shows every stage working, not a useful model."
 
 # The serve playground's browser test drives Debian's chromium (never a downloaded browser);
 # installed once per machine when missing (without it that test is skipped).
