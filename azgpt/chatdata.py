@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 from .chat_template import ROLES, check_chat_tokenizer, render_chat
 from .corpus import _check_file, _need, _open_binary
 from .errors import UserError
-from .text import fix_invisible, fix_lookalikes, repair_mojibake
+from .text import repair_letters
 from .tokenizer import SPECIAL_TOKENS
 
 CHAT_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
@@ -199,13 +198,7 @@ def iter_records(p: Path):
 
 def clean_text(text: str, stats: Counter) -> str:
     """`azgpt clean`'s repairs for one message, keeping its lines and blank lines."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = "\n".join(repair_mojibake(line, stats) for line in text.split("\n"))
-    text = fix_invisible(text, stats)
-    nfc = unicodedata.normalize("NFC", text)
-    if nfc != text:
-        stats["nfc"] += 1
-    return fix_lookalikes(nfc, stats).strip()
+    return repair_letters(text, stats).strip()
 
 
 def _message(role, content) -> dict:

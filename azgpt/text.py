@@ -325,10 +325,10 @@ def normalize_whitespace(text: str, stats: Counter) -> str:
     return out
 
 
-def clean_document(text: str, opts: CleanOptions | None = None) -> tuple[str, Counter]:
-    """Clean one document; returns (text, rule counts). Order matters: bytes before letters."""
-    opts = opts or CleanOptions()
-    stats: Counter = Counter()
+def repair_letters(text: str, stats: Counter) -> str:
+    """The repairs every text gets, documents and chat messages alike: line ends, mojibake,
+    invisible characters, NFC, cp1254 words read as cp1251, look-alike letters. Lines and blank
+    lines are kept. Order matters: bytes before letters."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     # Mojibake first: C1 control characters are evidence of it, so they must survive until then.
     text = "\n".join(repair_mojibake(line, stats) for line in text.split("\n"))
@@ -338,7 +338,14 @@ def clean_document(text: str, opts: CleanOptions | None = None) -> tuple[str, Co
         stats["nfc"] += 1
         text = nfc
     text = fix_cp1254_read_as_cp1251(text, stats)
-    text = fix_lookalikes(text, stats)
+    return fix_lookalikes(text, stats)
+
+
+def clean_document(text: str, opts: CleanOptions | None = None) -> tuple[str, Counter]:
+    """Clean one document; returns (text, rule counts)."""
+    opts = opts or CleanOptions()
+    stats: Counter = Counter()
+    text = repair_letters(text, stats)
     if opts.cyrillic_to_latin:
         text = cyrillic_to_latin(text, stats)
     if opts.fix_a_umlaut and ("ä" in text or "Ä" in text) and "ə" not in text and "Ə" not in text:

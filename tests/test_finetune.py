@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from trainkit import losses
 
 from azgpt.chatdata import Conversation
 from azgpt.chatpack import ChatBatches, pack
@@ -138,7 +139,6 @@ def test_finetune_runs_the_shared_loop_from_the_base_weights(chat_base, chat_sft
 
 
 def test_finetune_resume_continues_exactly(chat_base, tmp_path):
-    import json
 
     from azgpt.cli import main  # in-process: three runs without three interpreter starts
 
@@ -148,10 +148,6 @@ def test_finetune_resume_continues_exactly(chat_base, tmp_path):
     assert main([*args, *common, "--out", str(tmp_path / "a")]) == 0
     assert main([*args, *common, "--out", str(tmp_path / "b"), "--train.stop_at=4"]) == 0
     assert main([*args, *common, "--out", str(tmp_path / "b"), "--resume"]) == 0
-
-    def losses(d):
-        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-        return {r["step"]: r["loss"] for r in rows if "event" not in r}
 
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert set(a) == set(b) and all(a[s] == pytest.approx(b[s], rel=1e-5) for s in a)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from chatkit import CHAT
-from trainkit import azgpt
+from trainkit import azgpt, losses
 
 from azgpt.checkpoint import load_model, load_tensors
 from azgpt.finetune import SFTConfig
@@ -76,10 +76,6 @@ def test_lora_resume_is_exact(chat_base, tmp_path):
     assert main([*args, *common, "--out", str(tmp_path / "a")]) == 0
     assert main([*args, *common, "--out", str(tmp_path / "b"), "--train.stop_at=4"]) == 0
     assert main([*args, *common, "--out", str(tmp_path / "b"), "--resume"]) == 0
-
-    def losses(d):
-        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-        return {r["step"]: r["loss"] for r in rows if "event" not in r}
 
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert set(a) == set(b) and all(a[s] == pytest.approx(b[s], rel=1e-5) for s in a)
