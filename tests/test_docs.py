@@ -113,3 +113,28 @@ def test_every_stage_has_a_page_that_starts_with_commands_and_ends_with_what_can
         body = text.split("\n", 1)[1].lstrip()
         assert body.startswith("```bash"), f"docs/{name}.md does not open with its commands"
         assert "## What can go wrong" in text, f"docs/{name}.md has no 'What can go wrong'"
+
+
+def test_every_test_a_guarantee_names_exists():
+    # A row names `tests/file.py::test_name`, or `::test_name` for the file named before it.
+    ref = re.compile(r"`((?:tests/[\w/]+\.py)?)(::[\w*]+(?:\[[^\]]*\])?)?`")
+    missing, named = [], 0
+    for line in (ROOT / "docs" / "guarantees.md").read_text(encoding="utf-8").splitlines():
+        if not line.startswith("| "):
+            continue
+        current = None
+        for m in ref.finditer(line):
+            path, name = m.group(1), m.group(2)
+            current = path or current
+            if not (path or name):
+                continue
+            if current is None or not (ROOT / current).is_file():
+                missing.append(f"{current or '?'} in: {line[:60]}")
+                continue
+            named += 1
+            if name:
+                pattern = name[2:].split("[")[0].replace("*", r"\w*")
+                source = (ROOT / current).read_text(encoding="utf-8")
+                if not re.search(rf"def {pattern}\(", source):
+                    missing.append(f"{current}{name}")
+    assert named > 100 and not missing, missing
