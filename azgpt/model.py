@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from .config import ModelConfig as GPTConfig  # the model section of a run file
 
-__all__ = ["GPT", "GPTConfig", "KVCache", "sample_next"]
+__all__ = ["GPT", "GPTConfig", "KVCache"]
 
 
 class KVCache:
@@ -404,12 +404,3 @@ class GPT(nn.Module):
 
         params = SamplingParams(temperature=temperature, top_k=top_k or 0, top_p=top_p or 1.0)
         yield from generate_tokens(self, idx, max_new_tokens, params, generator, eos_id, use_cache)
-
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
-    """One id per row of `logits` (B, V) with `azgpt.generate.sample`, as a (B, 1) tensor."""
-    from .generate import SamplingParams, sample
-
-    params = SamplingParams(temperature=temperature, top_k=top_k or 0, top_p=top_p or 1.0)
-    toks = sample(logits, [params] * logits.size(0), [generator] * logits.size(0))
-    return torch.tensor(toks, device=logits.device)[:, None]

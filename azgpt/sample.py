@@ -33,12 +33,6 @@ def sampling_params(prefix: str = "--", **kw) -> SamplingParams:
         raise UserError(f"{prefix}{name} {msg}.") from None
 
 
-def check_sampling(*, temperature=None, top_k=None, top_p=None, seed=None, prefix="--") -> None:
-    """Refuse sampling settings that have no meaning, naming the option (`prefix` + name)."""
-    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    sampling_params(prefix, **{k: v for k, v in kw.items() if v is not None})
-
-
 def run_sample(
     ckpt,
     prompt,

@@ -135,15 +135,20 @@ def test_report_out_that_is_a_file_is_a_clear_error(tmp_path):
 def test_top_p_keeps_the_smallest_set_that_reaches_top_p():
     """Top-p keeps the smallest set of tokens whose probability mass reaches top_p (transformers' rule)."""
     g = torch.Generator().manual_seed(0)
-    from azgpt.model import sample_next
+    from azgpt.generate import SamplingParams, sample
+
+    def sample_next(logits, top_p, generator):
+        return sample(logits, [SamplingParams(temperature=1.0, top_k=0, top_p=top_p)], [generator])[
+            0
+        ]
 
     four = torch.zeros(1, 4)  # four tokens of probability 0.25 each: two reach top_p=0.5
-    draws = {int(sample_next(four, 1.0, top_p=0.5, generator=g)) for _ in range(400)}
+    draws = {sample_next(four, 0.5, g) for _ in range(400)}
     assert len(draws) == 2, (
         f"top_p=0.5 over four equal tokens sampled from {sorted(draws)}, want 2 tokens"
     )
     two = torch.zeros(1, 2)  # one token (0.5) already reaches top_p=0.5
-    draws = {int(sample_next(two, 1.0, top_p=0.5, generator=g)) for _ in range(200)}
+    draws = {sample_next(two, 0.5, g) for _ in range(200)}
     assert len(draws) == 1, (
         f"top_p=0.5 over two equal tokens sampled from {sorted(draws)}, want 1 token"
     )

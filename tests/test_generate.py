@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from trainkit import make_data
+from trainkit import make_data, one_thread  # noqa: F401  (one_thread: autouse)
 
 from azgpt.config import ModelConfig
 from azgpt.errors import UserError
@@ -31,14 +31,6 @@ from azgpt.model import GPT, KVCache
 from azgpt.tokenizer import load_tokenizer
 
 PROMPT = "Azərbaycanın paytaxtı"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

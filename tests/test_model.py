@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from azgpt.config import load_config
-from azgpt.model import GPT, GPTConfig, KVCache, sample_next
+from azgpt.generate import SamplingParams, sample
+from azgpt.model import GPT, GPTConfig, KVCache
 
 
 def small(**kw):
@@ -78,12 +79,19 @@ def test_generate_stops_at_eos_and_is_seeded():
     assert s1 == s2
 
 
+def draw(logits, top_k=0, top_p=1.0, generator=None) -> int:
+    """One id from the one sampler, at temperature 1 with only the given filter."""
+    return sample(logits, [SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p)], [generator])[
+        0
+    ]
+
+
 def test_top_k_and_top_p_filtering():
     logits = torch.tensor([[5.0, 4.0, 1.0, 0.0]])
-    assert sample_next(logits, 1.0, top_k=1).item() == 0
-    assert sample_next(logits, 1.0, top_p=0.5).item() == 0  # token 0 alone holds > 0.5
+    assert draw(logits, top_k=1) == 0
+    assert draw(logits, top_p=0.5) == 0  # token 0 alone holds > 0.5
     g = torch.Generator().manual_seed(0)
-    draws = {sample_next(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)}
+    draws = {draw(logits, top_k=2, generator=g) for _ in range(200)}
     assert draws == {0, 1}
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainkit import make_data, tiny_config
+from trainkit import make_data, one_thread, tiny_config  # noqa: F401  (one_thread: autouse)
 
 pytest.importorskip("fastapi")  # `make test` installs azgpt[serve]
 requests = pytest.importorskip("requests")
@@ -45,16 +45,6 @@ def ckpt(tmp_path_factory) -> Path:
     over = {"train.max_iters": 20, "train.eval_interval": 20, "train.lr": 1e-2}
     train(tiny_config(tok, data, base / "run", **over))
     return base / "run" / "last"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two intra-op threads on a busy 2-core machine made a 32-token forward of the tiny model
-    # 100x slower (130 ms against 1.3 ms with one): the tiny models here run on one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
