@@ -14,8 +14,6 @@ command each. Conversations are read and truncated as `azgpt finetune` reads the
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -76,6 +74,7 @@ def greedy_stops(model, tok, messages: list[dict], device, max_reply: int = MAX_
 
 def eval_chat(model, tok, paths, device, max_reply: int = MAX_REPLY) -> dict:
     from .chatdata import load_chats
+    from .evaluate import bits_per_byte
 
     convs, report = load_chats(paths, tok, model.config.block_size + 1)
     nll, n, nbytes = assistant_loss(model, convs, tok, device)
@@ -86,7 +85,7 @@ def eval_chat(model, tok, paths, device, max_reply: int = MAX_REPLY) -> dict:
             stops += greedy_stops(model, tok, c.messages[:last], device, max_reply)
     return {
         "assistant_loss": round(nll / max(n, 1), 6),
-        "assistant_bpb": round(nll / (math.log(2) * nbytes), 6) if nbytes else float("nan"),
+        "assistant_bpb": round(bits_per_byte(nll, nbytes), 6) if nbytes else float("nan"),
         "stop_rate": round(stops / len(convs), 6),
         "conversations": len(convs),
         "assistant_tokens": n,
