@@ -353,7 +353,7 @@ def _iter_parquet(p: Path, stats: Counter, text_field: str) -> Iterator[tuple[st
     pa = _need("pyarrow")
     pq = _need("pyarrow.parquet")
     try:
-        pf = pq.ParquetFile(p)
+        pf = pq.ParquetFile(p, pre_buffer=False)
         schema = pf.schema_arrow
     except (pa.ArrowException, OSError) as e:
         raise _parquet_error(p, e) from None
@@ -378,9 +378,13 @@ def _iter_parquet(p: Path, stats: Counter, text_field: str) -> Iterator[tuple[st
         cols.append("url")
     try:
         for i in range(pf.num_row_groups):
-            # One row group at a time, handed over in batches of 1,024 rows: Arrow holds one row
-            # group's columns, Python one batch of strings.
-            for batch in pf.iter_batches(batch_size=1024, row_groups=[i], columns=cols):
+            # One row group at a time, in batches of about PARQUET_BATCH_BYTES of text: Arrow
+            # holds one batch's decoded columns, Python one batch of strings (rows of 1 MB in
+            # batches of 1,024 were a gigabyte at once).
+            rows = _parquet_batch_rows(pf.metadata.row_group(i), text_field)
+            for batch in pf.iter_batches(
+                batch_size=rows, row_groups=[i], columns=cols, use_threads=False
+            ):
                 col = batch.column(0)
                 urls = batch.column(1).to_pylist() if len(cols) > 1 else [None] * len(col)
                 for text, url in zip(_parquet_texts(pa, col, stats), urls):
@@ -395,6 +399,22 @@ def _iter_parquet(p: Path, stats: Counter, text_field: str) -> Iterator[tuple[st
                         yield part, site
     except (pa.ArrowException, OSError) as e:
         raise _parquet_error(p, e) from None
+
+
+PARQUET_BATCH_BYTES = 16 << 20  # decoded text per Arrow batch (one row when a row is larger)
+
+
+def _parquet_batch_rows(row_group, name: str) -> int:
+    """Rows per batch so that a batch holds about PARQUET_BATCH_BYTES of decoded text, from the
+    size the row group records for column `name` (1 to 1,024 rows)."""
+    n = row_group.num_rows
+    sizes = [
+        c.total_uncompressed_size
+        for j in range(row_group.num_columns)
+        if (c := row_group.column(j)).path_in_schema == name
+    ]
+    per_row = (sizes[0] if sizes else 0) / max(n, 1)
+    return max(1, min(1024, int(PARQUET_BATCH_BYTES // max(per_row, 1))))
 
 
 def _parquet_texts(pa, col, stats: Counter) -> Iterator:

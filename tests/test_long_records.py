@@ -158,3 +158,27 @@ def test_clean_output_of_streamed_records_equals_whole(tmp_path, monkeypatch, ca
     assert main([*argv, "--out", str(out2)]) == 0
     capsys.readouterr()
     assert out2.read_text(encoding="utf-8") == out1.read_text(encoding="utf-8")
+
+
+def test_parquet_batches_are_bounded_by_bytes_not_rows(tmp_path, monkeypatch):
+    """Rows of a large text column come in batches of about PARQUET_BATCH_BYTES: Arrow never
+    decodes more than that (plus one row) at once, and the documents are the same."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    texts = [long_text(40, f"R{i}") for i in range(60)]  # ~3.4 KB each
+    p = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"text": texts, "url": [f"https://a.az/{i}" for i in range(60)]}), p)
+    whole, _ = read(p)
+    monkeypatch.setattr(C, "PARQUET_BATCH_BYTES", 16 << 10)
+    sizes = []
+    real = pq.ParquetFile.iter_batches
+
+    def spy(self, *a, **kw):
+        for b in real(self, *a, **kw):
+            sizes.append(sum(len(t.encode()) for t in b.column(0).to_pylist()))
+            yield b
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    batched, _ = read(p)
+    assert batched == whole == [(t, "a.az") for t in texts]
+    assert len(sizes) >= 10 and max(sizes) <= (16 << 10) + 4000  # a batch of ~16 KB, not all rows
