@@ -42,12 +42,12 @@ def run_chat(
     out=None,
 ) -> int:
     from .checkpoint import checkpoint_tokenizer, load_model, pick_device
-    from .generate import Chunk, check_ctx, generate_events, pick_dtype
+    from .generate import Chunk, cast_model, check_ctx, generate_events
 
     inp, out = inp or sys.stdin, out or sys.stdout
     dev = pick_device(device)
     model, meta = load_model(ckpt, dev)
-    model.to(pick_dtype(dtype, dev)).eval()
+    model = cast_model(model, dtype, dev).eval()
     tok, _, _ = checkpoint_tokenizer(ckpt, meta, tokenizer)
     check_chat_tokenizer(tok, f"the tokenizer of {ckpt}")
     n_ctx = check_ctx(model.config, ctx)

@@ -320,6 +320,7 @@ def cmd_serve(a) -> int:
         max_queue=a.max_queue,
         limits=limits,
         prefill_chunk=a.prefill_chunk,
+        stall_ms=float(a.stall_ms),
         origins=[o.strip() for o in (a.origins or "").split(",") if o.strip()],
         max_connections=a.max_connections,
         header_timeout=a.header_timeout,
@@ -613,7 +614,6 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, default, what in (
         ("--max-batch", 8, "sequences decoded together in one forward pass"),
         ("--max-queue", 64, "requests that may wait for a slot; more get 503"),
-        ("--prefill-chunk", 64, "prompt tokens prefilled between two decoding steps"),
         ("--max-tokens", 1024, "the most tokens one request may ask for"),
         ("--max-prompt-chars", 100_000, "the longest prompt (all messages together) in characters"),
         ("--max-messages", 256, "chat messages kept per request; older ones are dropped"),
@@ -625,8 +625,26 @@ def build_parser() -> argparse.ArgumentParser:
         sv.add_argument(
             flag, type=_positive_int(flag), default=default, help=f"{what} (default {default})"
         )
+    sv.add_argument(
+        "--prefill-chunk",
+        type=_auto_or(_positive_int("--prefill-chunk")),
+        default=None,
+        help="prompt tokens prefilled between two decoding steps (default auto: as many as fit "
+        "--stall-ms beside the decoding step, measured as the server runs)",
+    )
+    sv.add_argument(
+        "--stall-ms",
+        type=_positive_int("--stall-ms"),
+        default=200,
+        help="the time one iteration (a decoding step and a prompt chunk) aims at, so a long "
+        "prompt never stalls running streams much longer (default 200)",
+    )
     sv.set_defaults(fn=cmd_serve)
     return p
+
+
+def _auto_or(parse):
+    return lambda s: None if s == "auto" else parse(s)
 
 
 def _add_ctx_dtype(p) -> None:

@@ -26,9 +26,11 @@ counts and timings. The same ids, settings and seed give the same tokens here as
   sequence fills the context, its last `ctx // 2` tokens are prefilled again and decoding goes
   on (Ollama shifts its context the same way), so `max_tokens` is never cut short.
 - `Decoder` runs many sequences in one KV cache: each iteration decodes one token of every
-  running sequence in one forward pass, then prefills at most `prefill_chunk` prompt tokens
-  (several short prompts batched, a long one in chunks), so a long prompt delays running
-  streams by one chunk at most (while nothing is decoding, up to 8 chunks at once).
+  running sequence in one forward pass, then prefills one chunk of prompt tokens (several
+  short prompts batched, a long one in chunks), so a long prompt delays running streams by one
+  chunk at most. The chunk is sized from measured speed so that an iteration takes about
+  `stall_ms` (`prefill_chunk=None`, the default) or fixed; while nothing is decoding there is
+  nobody to stall and chunks are as large as `MAX_PREFILL_CHUNK`.
 """
 
 from __future__ import annotations
@@ -52,7 +54,10 @@ GREEDY_BELOW = 1e-5  # temperatures below this decode greedily (1/T would overfl
 MIN_TOP_P = 1e-6  # top_p is clamped to at least this; the most likely token always survives
 SEED_LIMIT = 2**63  # seeds lie in [0, 2**63): what torch.Generator.manual_seed keeps exactly
 MAX_CTX = 4096  # the default context is the smaller of the model's and this
-IDLE_PREFILL_FACTOR = 8  # prefill budget (x prefill_chunk) while no sequence is decoding
+IDLE_PREFILL_FACTOR = 8  # a fixed chunk's budget is this many chunks while nothing decodes
+MIN_PREFILL_CHUNK = 16  # the adaptive chunk's bounds, in prompt tokens per iteration
+MAX_PREFILL_CHUNK = 512
+STALL_MS = 200.0  # the adaptive chunk aims an iteration (decoding + one chunk) at this
 
 
 class SamplingError(ValueError):
@@ -297,17 +302,26 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype | str:
 
 
 def cast_model(model, name: str, device: torch.device):
-    """The model in `--dtype` (a new module for int8; the same one cast otherwise)."""
+    """The model in `--dtype`, for generation only (a new module for int8; the same one cast
+    otherwise). On a CPU its fp32/bf16 Linears are laid out for oneDNN (`azgpt.cpu_linear`:
+    2-5x faster products than the default BLAS on some CPUs); `model.linear_backend` says
+    which kernels its Linears run."""
     dtype = pick_dtype(name, device)
     if dtype != "int8":
-        return model.to(dtype)
+        from .cpu_linear import pack_linears
+
+        model = model.to(dtype).eval()
+        model.linear_backend = pack_linears(model) if device.type == "cpu" else "torch"
+        return model
     import warnings
 
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's notice that torchao is its successor
-        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig})
+        model = quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig})
+    model.linear_backend = "int8"
+    return model
 
 
 # ----------------------------------------------------------------------------- events
@@ -390,13 +404,19 @@ class Decoder:
         *,
         max_batch: int = 8,
         ctx: int | None = None,
-        prefill_chunk: int = 64,
+        prefill_chunk: int | None = None,
+        stall_ms: float = STALL_MS,
     ):
         from .model import KVCache
         from .tokenizer import EOT, SPECIAL_TOKENS, token_bytes
 
-        if max_batch < 1 or prefill_chunk < 1:
-            raise ValueError("max_batch and prefill_chunk must be >= 1")
+        if max_batch < 1 or (prefill_chunk is not None and prefill_chunk < 1) or stall_ms <= 0:
+            raise ValueError("max_batch and prefill_chunk must be >= 1, stall_ms > 0")
+        self.stall_ms = stall_ms
+        # Measured speed (exponential averages): ms of one decoding forward, ms per prompt
+        # token prefilled; they size the adaptive chunk.
+        self.decode_ms: float | None = None
+        self.prefill_ms_per_token: float | None = None
         self.model = model.eval()
         self.config = model.config
         self.ctx = check_ctx(model.config, ctx)
@@ -438,7 +458,7 @@ class Decoder:
 
     def step(self) -> None:
         """One iteration: drop cancelled rows, one decoding forward over every decoding row,
-        then one prefill forward of at most `prefill_chunk` prompt tokens."""
+        then one prefill forward of at most `prefill_budget()` prompt tokens."""
         for s in [s for s in self.rows if s.cancelled]:
             self._finish(s, "cancelled")
         self._remove_done()
@@ -476,6 +496,7 @@ class Decoder:
         if not d:
             return 0
         rows = self.rows[:d]
+        t0 = time.perf_counter()
         x = torch.tensor([[s.seq[-1]] for s in rows], device=self.device)  # (d, 1)
         view = self.cache.view(0, d, max(s.fed for s in rows) + 1)
         logits = self.model(x, cache=view, last_only=True)[:, -1]
@@ -483,16 +504,16 @@ class Decoder:
             s.fed += 1
         self.stats["steps"] += 1
         self.stats["max_rows"] = max(self.stats["max_rows"], d)
-        self._accept_all(rows, self._sample(logits, rows))
+        self._accept_all(rows, self._sample(logits, rows))  # sampling syncs with the device
+        self._measure("decode_ms", (time.perf_counter() - t0) * 1e3)
         return d
 
     def _prefill(self) -> int:
         """Feed prompt tokens of the first prefilling rows: as many rows as share one length T
         within the chunk budget (short prompts together, a long prompt alone in chunks)."""
         d = self.n_decoding
-        # With no stream decoding there is nobody to stall: a bigger budget cuts the forward
-        # passes (and the time to first token) of a lone long prompt.
-        budget = self.prefill_chunk if d else self.prefill_chunk * IDLE_PREFILL_FACTOR
+        budget = self.prefill_budget()
+        t0 = time.perf_counter()
         first = self.rows[d]
         T = min(budget, first.todo)
         k = 1
@@ -520,7 +541,28 @@ class Decoder:
                     s.t_prompt = now
                     self.stats["prefills"] += 1
             self._accept_all(ready_rows, toks)
+        self._measure("prefill_ms_per_token", (time.perf_counter() - t0) * 1e3 / (k * T))
         return k * T
+
+    def prefill_budget(self) -> int:
+        """Prompt tokens to prefill in this iteration. With no stream decoding there is nobody
+        to stall: the largest chunk (fewer forward passes, a sooner first token). Otherwise the
+        fixed `prefill_chunk`, or the chunk that measured speed says fits an iteration of
+        `stall_ms` beside the decoding forward."""
+        fixed = self.prefill_chunk
+        if not self.n_decoding:
+            return fixed * IDLE_PREFILL_FACTOR if fixed else MAX_PREFILL_CHUNK
+        if fixed:
+            return fixed
+        if self.prefill_ms_per_token is None or self.decode_ms is None:
+            return 64
+        room = self.stall_ms - self.decode_ms
+        n = int(room / max(self.prefill_ms_per_token, 1e-6))
+        return max(MIN_PREFILL_CHUNK, min(MAX_PREFILL_CHUNK, n))
+
+    def _measure(self, name: str, value: float) -> None:
+        old = getattr(self, name)
+        setattr(self, name, value if old is None else 0.7 * old + 0.3 * value)
 
     def _sample(self, logits: torch.Tensor, rows: list[Row]) -> list[int]:
         return sample(

@@ -6,7 +6,10 @@ For each architecture (gpt2, llama) a checkpoint of the 110M shape (configs/gpt1
 round (the machine is shared: interleaving spreads its load over every contender), each
 contender decodes --tokens greedy tokens after the same short prompt with the same threads:
 
-- azgpt fp32: `azgpt.generate` (the Decoder `azgpt sample` and `azgpt serve` run), eager torch;
+- azgpt fp32: `azgpt.generate` (the Decoder `azgpt sample` and `azgpt serve` run), eager torch,
+  its Linears laid out for oneDNN as `azgpt sample` / `serve` / `chat` run them on a CPU;
+- azgpt fp32, torch Linear: the same without that layout (torch's default BLAS, for reference);
+- azgpt bf16: `--dtype bfloat16` (oneDNN's bf16 kernels where the CPU has them);
 - azgpt int8: the same path with `--dtype int8` (torch's dynamic int8 Linear, per channel);
 - llama.cpp f32 and q8_0: llama-cpp-python on the exported files.
 
@@ -73,10 +76,7 @@ def _llama_child(conn, path: str, prompt, n: int, threads: int) -> None:
     import llama_cpp
 
     llm = llama_cpp.Llama(
-        # n_batch 1: this llama-cpp-python build crashes (SIGSEGV) evaluating more than one
-        # token at a time on a q8_0 file (llama.cpp's own q8_0 quantization too); one token
-        # per call is what decoding does anyway, and the prompt's prefill is not timed.
-        model_path=path, n_ctx=512, n_batch=1, n_ubatch=1, n_threads=threads,
+        model_path=path, n_ctx=512, n_threads=threads,
         n_threads_batch=threads, verbose=False, seed=0,
     )  # fmt: skip
     while conn.recv() == "run":
@@ -132,6 +132,7 @@ def main() -> None:
         f"{torch.__version__}, {a.threads} threads",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "bench/generate.py " + " ".join(sys.argv[1:]),
+        "linear_backend": None,
         "tokens": a.tokens,
         "archs": {},
     }
@@ -145,13 +146,20 @@ def main() -> None:
                     str(ck), str(tmp / f"{arch}-{q}.gguf"), quant=q,
                     modelfile=str(tmp / f"Modelfile-{arch}-{q}"), force=True,
                 )  # fmt: skip
-            model, meta = load_model(ck, "cpu")
-            model.eval()
+            cpu = torch.device("cpu")
+            plain, meta = load_model(ck, "cpu")
+            plain.eval()  # torch's own Linear (the default BLAS), as before oneDNN packing
             tok, _, _ = checkpoint_tokenizer(ck, meta)
             prompt = prompt_ids(tok, "Azərbaycanın paytaxtı")
-            int8 = cast_model(model, "int8", torch.device("cpu"))
+            model = cast_model(load_model(ck, "cpu")[0], "float32", cpu)
+            assert model.linear_backend.startswith("onednn"), model.linear_backend
+            res["linear_backend"] = model.linear_backend
+            bf16 = cast_model(load_model(ck, "cpu")[0], "bfloat16", cpu)
+            int8 = cast_model(load_model(ck, "cpu")[0], "int8", cpu)
             runners = {
                 "azgpt fp32": torch_runner(model, tok, prompt, a.tokens),
+                "azgpt fp32, torch Linear": torch_runner(plain, tok, prompt, a.tokens),
+                "azgpt bf16 (--dtype bfloat16)": torch_runner(bf16, tok, prompt, a.tokens),
                 "azgpt int8 (--dtype int8)": torch_runner(int8, tok, prompt, a.tokens),
                 "llama.cpp f32": llama_runner(files["f32"], prompt, a.tokens, a.threads, children),
                 "llama.cpp q8_0": llama_runner(
@@ -166,7 +174,7 @@ def main() -> None:
                     got[k].append(run())
             med = {k: max(v) for k, v in got.items()}  # the least disturbed round
             res["archs"][arch] = {
-                "params": model.num_params(),
+                "params": plain.num_params(),
                 "tok_s_best": {k: round(v, 1) for k, v in med.items()},
                 "tok_s_median": {k: round(statistics.median(v), 1) for k, v in got.items()},
                 "all_rounds": {k: [round(x, 1) for x in v] for k, v in got.items()},
@@ -174,7 +182,7 @@ def main() -> None:
                 "vs_llama_q8_0": {k: round(v / med["llama.cpp q8_0"], 2) for k, v in med.items()},
             }
             print(json.dumps({arch: res["archs"][arch]}), flush=True)
-            del runners, model, int8
+            del runners, model, plain, bf16, int8
             for proc, conn in children:
                 conn.send("stop")
                 proc.join(timeout=30)

@@ -11,6 +11,9 @@ Long prompts (--long-prompt 480): a lone request with a 480-token prompt (its ti
 token is the baseline), then, while one stream is decoding, 8 such requests arriving together:
 their time to first token p50/p99 and the longest gap between two chunks of the running stream
 (how long a prompt's prefill stalled it; the engine prefills one chunk per decoding step).
+With the server stopped, the compute floor of that test: one forward over the 8 prompts
+batched against one prompt alone (no scheduler's p99 / lone can beat it where a batch costs
+the sum of its rows, as on a CPU).
 
 .venv/bin/python bench/serve.py [--models demo,gpt100m] [--tokens 64] [--threads 2]
                                 [--repeat 3] [--demo-ckpt runs/tiny/last]
@@ -191,6 +194,42 @@ def long_prompts(base: str, n_prompt: int, clients: int = 8) -> dict:
     }
 
 
+def prefill_floor(ckpt: Path, n_prompt: int, clients: int, threads: int) -> dict:
+    """The compute floor of the long-prompt test, measured in this process with the server
+    stopped: one forward over `clients` prompts of `n_prompt` tokens batched, against one
+    prompt alone (the model as `azgpt serve` runs it, median of 3). Every prompt's prefill must
+    be done before the last first token, so no scheduler's p99 / lone can beat this ratio where
+    a batch costs its rows' sum (a CPU)."""
+    import torch
+
+    from azgpt.checkpoint import load_model
+    from azgpt.generate import cast_model
+    from azgpt.model import KVCache
+
+    torch.set_num_threads(threads)
+    model, _ = load_model(ckpt, "cpu")
+    model = cast_model(model, "auto", torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 2000, (clients, n_prompt), generator=g)
+
+    def once(rows: int) -> float:
+        cache = KVCache(model.config, rows, n_prompt + 1)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model(x[:rows], cache=cache, last_only=True)
+        return time.perf_counter() - t0
+
+    once(1)
+    lone = statistics.median(once(1) for _ in range(3))
+    batch = statistics.median(once(clients) for _ in range(3))
+    return {
+        "linear_backend": model.linear_backend,
+        "one_prompt_forward_ms": round(lone * 1000),
+        "all_prompts_forward_ms": round(batch * 1000),
+        "floor_p99_vs_lone": round(batch / lone, 2),
+    }
+
+
 def median_run(base: str, n: int, tokens: int, repeat: int, sequential: bool = False) -> dict:
     """The run with the median aggregate tokens/s of `repeat` runs (a shared machine is noisy)."""
     runs = sorted(
@@ -209,7 +248,7 @@ def bench_model(
     repeat: int,
     log: Path,
     long_prompt: int = 0,
-    prefill_chunk: int = 64,
+    prefill_chunk: str = "auto",
 ):
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -261,7 +300,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs per level; the median is kept")
     ap.add_argument("--demo-ckpt", help="a trained demo checkpoint (default: random weights)")
     ap.add_argument("--long-prompt", type=int, default=480, help="0: skip the long-prompt run")
-    ap.add_argument("--prefill-chunk", type=int, default=64, help="the server's --prefill-chunk")
+    ap.add_argument("--prefill-chunk", default="auto", help="the server's --prefill-chunk")
     a = ap.parse_args()
 
     from azgpt.tokenizer import save_tokenizer, train_tokenizer
@@ -283,6 +322,9 @@ def main() -> None:
             label, ckpt, levels, a.tokens, a.threads, a.repeat, work / f"{label}.log",
             a.long_prompt if label == "gpt100m" else 0, a.prefill_chunk,
         )  # fmt: skip
+        if "long_prompts" in info:
+            info["long_prompts"]["floor"] = prefill_floor(ckpt, a.long_prompt, 8, a.threads)
+            print(json.dumps(info["long_prompts"]["floor"]), flush=True)
         seq = next(r for r in rows if r["sequential"])
         c8 = next((r for r in rows if r["clients"] == 8 and not r["sequential"]), None)
         summary.append(
@@ -314,6 +356,12 @@ def main() -> None:
                 f"stream: TTFT p50 {lp['ttft_p50_ms']:,} ms, p99 {lp['ttft_p99_ms']:,} ms "
                 f"({lp['p99_vs_lone']}x a lone prompt's {lp['lone_ttft_ms']:,} ms); longest "
                 f"stall of the running stream {lp['longest_stall_ms']:,} ms"
+            )
+            fl = lp["floor"]
+            print(
+                f"{label}: compute floor: {lp['clients']} prompts in one forward "
+                f"{fl['all_prompts_forward_ms']:,} ms vs one {fl['one_prompt_forward_ms']:,} ms "
+                f"= {fl['floor_p99_vs_lone']}x ({fl['linear_backend']})"
             )
     shutil.rmtree(work, ignore_errors=True)
 

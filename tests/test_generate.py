@@ -282,6 +282,42 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decoding_steps(tok):
     assert dec2.trace[0] == (0, 4 * len(rows[0].seq[: rows[0].n_prompt]))
 
 
+def test_the_adaptive_chunk_fits_the_stall_budget_beside_decoding(tok):
+    """`prefill_chunk=None`: each iteration prefills as many prompt tokens as the measured
+    speed says fit `stall_ms` beside the decoding forward (within MIN/MAX_PREFILL_CHUNK); with
+    nothing decoding, the largest chunk."""
+    from azgpt.generate import MAX_PREFILL_CHUNK, MIN_PREFILL_CHUNK
+
+    model = small(tok, block_size=256)
+    dec = Decoder(model, tok, max_batch=3, stall_ms=200)
+    assert dec.prefill_budget() == MAX_PREFILL_CHUNK  # nothing decodes: nobody to stall
+    dec.n_decoding = 1
+    assert dec.prefill_budget() == 64  # nothing measured yet
+    dec.decode_ms, dec.prefill_ms_per_token = 50.0, 1.0
+    assert dec.prefill_budget() == 150  # (200 - 50) / 1
+    dec.decode_ms = 500.0
+    assert dec.prefill_budget() == MIN_PREFILL_CHUNK  # a slow machine still makes progress
+    dec.decode_ms, dec.prefill_ms_per_token = 1.0, 1e-4
+    assert dec.prefill_budget() == MAX_PREFILL_CHUNK
+    dec.n_decoding = 0
+    # Measured for real: a stall budget far below one token's prefill keeps every chunk at
+    # the minimum while a stream decodes; a generous one lets a chunk take the whole prompt.
+    long_ids = prompt_ids(tok, "Azərbaycan Respublikası Cənubi Qafqazda yerləşir. " * 5)
+    for stall, want in ((1e-3, MIN_PREFILL_CHUNK), (1e6, len(long_ids))):
+        dec = Decoder(model, tok, max_batch=2, stall_ms=stall)
+        running = row(prompt_ids(tok, "Bakı"), SamplingParams(max_tokens=400, ignore_eos=True))
+        dec.add(running)
+        while not dec.n_decoding:
+            dec.step()
+        long = row(long_ids, SamplingParams(max_tokens=2, seed=1))
+        dec.add(long)
+        dec.trace.clear()
+        while not long.done:
+            dec.step()
+        chunks = [p for _, p in dec.trace if p]
+        assert max(chunks) == want and all(d == 1 for d, p in dec.trace if p)
+
+
 def test_one_rows_failure_fails_that_row_only(tok):
     """A row whose logits turn to NaN ends with an error; the rows beside it go on and get the
     tokens they get alone."""

@@ -189,7 +189,8 @@ def serve(
     ctx: int | None = None,
     max_batch: int = 8,
     max_queue: int = 64,
-    prefill_chunk: int = 64,
+    prefill_chunk: int | None = None,
+    stall_ms: float = 200.0,
     limits: Limits | None = None,
     origins: Sequence[str] = (),
     max_connections: int = 256,
@@ -215,7 +216,7 @@ def serve(
         tok, _, _ = checkpoint_tokenizer(ckpt, meta, tokenizer)
         engine = Engine(
             model, tok, max_batch=max_batch, max_queue=max_queue, ctx=ctx,
-            prefill_chunk=prefill_chunk,
+            prefill_chunk=prefill_chunk, stall_ms=stall_ms,
         )  # fmt: skip
         app = create_app(
             engine, name=name, ckpt=ckpt, api_key=api_key, limits=limits, host=host,

@@ -3,8 +3,8 @@
 One background thread owns the model and runs `azgpt.generate.Decoder` (the generation path
 `azgpt sample` uses too): requests wait in a bounded queue and take free rows of the decoder's
 KV cache; each iteration decodes one token of every running request in one forward pass and
-prefills at most one chunk of waiting prompts, so a long prompt delays running streams by one
-chunk. Each row is sampled with its own settings and its own seeded generator. Finished and
+prefills one chunk of waiting prompts (sized so an iteration takes about `stall_ms`), so a long
+prompt delays running streams by one chunk. Each row is sampled with its own settings and its own seeded generator. Finished and
 cancelled requests leave at once.
 """
 
@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from ..chat_template import encode_chat, end_of_turn_id
 from ..generate import (
+    STALL_MS,
     Chunk,
     Decoder,
     Event,
@@ -77,13 +78,15 @@ class Engine:
         max_batch: int = 8,
         max_queue: int = 64,
         ctx: int | None = None,
-        prefill_chunk: int = 64,
+        prefill_chunk: int | None = None,
+        stall_ms: float = STALL_MS,
     ):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.decoder = Decoder(
-            model, tokenizer, max_batch=max_batch, ctx=ctx, prefill_chunk=prefill_chunk
-        )
+            model, tokenizer, max_batch=max_batch, ctx=ctx, prefill_chunk=prefill_chunk,
+            stall_ms=stall_ms,
+        )  # fmt: skip
         d = self.decoder
         self.model, self.config, self.device = d.model, d.config, d.device
         self.tokenizer = tokenizer

@@ -1,0 +1,144 @@
+"""Linear layers laid out for the CPU's kernels, for generation on a CPU.
+
+PyTorch's CPU `Linear` calls the BLAS it was built with (MKL in the PyPI wheels). On CPUs where
+that BLAS takes a slow path (measured on a 2-core AMD EPYC VM: a (1, 768) x (768, 128,000)
+product streamed 10 GB/s, a batch of 8 rows reached 18 GFLOP/s), oneDNN, which PyTorch also
+ships, runs the same products 2x (one row) to 5x (8 rows) faster once the weight is reordered
+into its blocked layout. One row at a time (a lone stream decoding) is bound by how fast the
+weights stream from memory: there a reduction kernel that torch.compile (inductor) generates
+for each weight shape streamed 35 GB/s where oneDNN reached 20 (bench/generate.py,
+docs/results.md).
+
+`pack_linears(model)` swaps every `nn.Linear` of a model that will only run inference for a
+`PackedLinear`: oneDNN's layout for batches, and, for models whose weights outgrow the CPU's
+caches (`GEMV_MIN_BYTES`) when a C++ compiler is at hand, the compiled one-row kernel beside
+it. An `lm_head` tied to the embedding gets its own copy. The arithmetic is the same product in
+another summation order: logits agree with the unpacked model within float rounding
+(tests/test_cpu_linear.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import types
+
+import torch
+from torch import nn
+
+__all__ = ["PackedLinear", "available", "pack_linears"]
+
+log = logging.getLogger("azgpt.cpu_linear")
+
+PACKABLE = (torch.float32, torch.bfloat16)
+# Linear weights of at least this many bytes in all stream from memory at every decoding step
+# (a CPU's last-level cache holds 8-64 MB): only then does the compiled one-row kernel pay for
+# its compile time (seconds, cached on disk by torch for later runs).
+GEMV_MIN_BYTES = 64 << 20
+
+
+def available() -> bool:
+    """oneDNN's linear ops are in this PyTorch build."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (x[:, None, :] * w[None]).sum(-1)
+
+
+def _compiled_gemv(k: int, n: int, dtype: torch.dtype):
+    """A one-row product compiled for one weight shape: its own code object, so each shape
+    keeps its own compiled kernel (torch.compile caches a bounded number per code object)."""
+    code = _gemv.__code__.replace(co_name=f"gemv_{k}x{n}_{str(dtype).split('.')[-1]}")
+    fn = types.FunctionType(code, _gemv.__globals__, code.co_name)
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T + b with W in oneDNN's layout (and, with `gemv`, row-major beside it for the
+    compiled one-row kernel); inference only (no autograd through it)."""
+
+    def __init__(self, lin: nn.Linear, keep_rows: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        w = lin.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
+        self.bias = None if lin.bias is None else lin.bias.detach().to(w.dtype).contiguous()
+        self.dtype = w.dtype
+        self.gemv = None  # set by pack_linears once compiled
+        self.weight_rows = w.contiguous().clone() if keep_rows else None
+        self.calls = {"onednn": 0, "gemv": 0}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        if self.gemv is not None and x2.shape[0] == 1:
+            self.calls["gemv"] += 1
+            y = self.gemv(x2, self.weight_rows)
+            if self.bias is not None:
+                y = y + self.bias
+        else:
+            self.calls["onednn"] += 1
+            y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        kind = "onednn+gemv" if self.gemv is not None else "onednn"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
+
+
+def pack_linears(model: nn.Module, gemv: bool | None = None) -> str:
+    """Replace the CPU `nn.Linear`s (fp32 or bf16) of `model` in place; returns the kernels
+    they now run: "onednn+gemv", "onednn", or "torch" (nothing replaced: oneDNN missing or
+    nothing on the CPU). `gemv`: compile the one-row kernel (None: when the weights total
+    GEMV_MIN_BYTES or more); a compile that fails falls back to oneDNN alone, with a warning."""
+    if not available():
+        return "torch"
+    todo = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is nn.Linear
+        and child.weight.device.type == "cpu"
+        and child.weight.dtype in PACKABLE
+    ]
+    if not todo:
+        return "torch"
+    if gemv is None:
+        total = sum(c.weight.numel() * c.weight.element_size() for _, _, c in todo)
+        gemv = total >= GEMV_MIN_BYTES
+    mods = []
+    for parent, name, child in todo:
+        mods.append(PackedLinear(child, keep_rows=gemv))
+        setattr(parent, name, mods[-1])
+    if gemv and _compile_all(mods):
+        return "onednn+gemv"
+    for m in mods:
+        m.gemv, m.weight_rows = None, None
+    return "onednn"
+
+
+def _compile_all(mods: list[PackedLinear]) -> bool:
+    """Compile the one-row kernel of every weight shape and run it once on the real weights,
+    under inference mode as decoding runs (so the first request does not recompile); False
+    when this machine cannot compile."""
+    t0 = time.perf_counter()
+    kernels: dict = {}
+    try:
+        with torch.inference_mode():
+            for m in mods:
+                key = (m.in_features, m.out_features, m.dtype)
+                if key not in kernels:
+                    kernels[key] = _compiled_gemv(*key)
+                    kernels[key](torch.zeros(1, m.in_features, dtype=m.dtype), m.weight_rows)
+                m.gemv = kernels[key]
+    except Exception as e:  # no C++ compiler, an inductor bug: oneDNN alone still works
+        log.warning(
+            "could not compile the one-row CPU kernels (%s); decoding one stream uses oneDNN",
+            " ".join(str(e).split())[:160],
+        )
+        return False
+    log.info("compiled %d one-row CPU kernels in %.1f s", len(kernels), time.perf_counter() - t0)
+    return True
