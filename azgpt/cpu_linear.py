@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import time
-import types
 
 import torch
 from torch import nn
@@ -47,11 +46,15 @@ def _gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _compiled_gemv(k: int, n: int, dtype: torch.dtype):
-    """A one-row product compiled for one weight shape: its own code object, so each shape
-    keeps its own compiled kernel (torch.compile caches a bounded number per code object)."""
-    code = _gemv.__code__.replace(co_name=f"gemv_{k}x{n}_{str(dtype).split('.')[-1]}")
-    fn = types.FunctionType(code, _gemv.__globals__, code.co_name)
-    return torch.compile(fn, dynamic=False, fullgraph=True)
+    """A one-row product compiled by inductor for one weight shape, called without
+    torch.compile's guards (about 20 us per call less; 49 calls per token for the 110M
+    shape): PackedLinear only calls it with a contiguous (1, k) row of `dtype` and its own
+    (n, k) weight, the shapes it was compiled for."""
+    import torch._inductor
+
+    gm = torch.fx.symbolic_trace(_gemv)
+    example = [torch.zeros(1, k, dtype=dtype), torch.zeros(n, k, dtype=dtype)]
+    return torch._inductor.compile(gm, example)
 
 
 class PackedLinear(nn.Module):
@@ -74,7 +77,7 @@ class PackedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        if self.gemv is not None and x2.shape[0] == 1:
+        if self.gemv is not None and x2.shape[0] == 1 and x2.dtype == self.dtype:
             self.calls["gemv"] += 1
             y = self.gemv(x2, self.weight_rows)
             if self.bias is not None:
