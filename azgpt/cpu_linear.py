@@ -61,9 +61,12 @@ class PackedLinear(nn.Module):
     """y = x W^T + b with W in oneDNN's layout (and, with `gemv`, row-major beside it for the
     compiled one-row kernel); inference only (no autograd through it)."""
 
-    def __init__(self, lin: nn.Linear, keep_rows: bool = False):
+    def __init__(self, lin: nn.Linear, keep_rows: bool = False, tied: bool = False):
         super().__init__()
         self.in_features, self.out_features = lin.in_features, lin.out_features
+        # What the Linear's Parameters were (GPT.num_params counts them); 0 when its weight
+        # is another module's too (a head tied to the embedding is counted there).
+        self.n_params = 0 if tied else sum(p.numel() for p in lin.parameters())
         w = lin.weight.detach()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
         self.bias = None if lin.bias is None else lin.bias.detach().to(w.dtype).contiguous()
@@ -112,9 +115,13 @@ def pack_linears(model: nn.Module, gemv: bool | None = None) -> str:
     if gemv is None:
         total = sum(c.weight.numel() * c.weight.element_size() for _, _, c in todo)
         gemv = total >= GEMV_MIN_BYTES
+    uses: dict[int, int] = {}
+    for mod in model.modules():
+        for p in mod.parameters(recurse=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
     mods = []
     for parent, name, child in todo:
-        mods.append(PackedLinear(child, keep_rows=gemv))
+        mods.append(PackedLinear(child, keep_rows=gemv, tied=uses[id(child.weight)] > 1))
         setattr(parent, name, mods[-1])
     if gemv and _compile_all(mods):
         return "onednn+gemv"

@@ -57,7 +57,7 @@ MAX_CTX = 4096  # the default context is the smaller of the model's and this
 IDLE_PREFILL_FACTOR = 8  # a fixed chunk's budget is this many chunks while nothing decodes
 MIN_PREFILL_CHUNK = 16  # the adaptive chunk's bounds, in prompt tokens per iteration
 MAX_PREFILL_CHUNK = 512
-STALL_MS = 200.0  # the adaptive chunk aims an iteration (decoding + one chunk) at this
+STALL_MS = 100.0  # the adaptive chunk aims an iteration (decoding + one chunk) at this
 
 
 class SamplingError(ValueError):
@@ -509,25 +509,39 @@ class Decoder:
         return d
 
     def _prefill(self) -> int:
-        """Feed prompt tokens of the first prefilling rows: as many rows as share one length T
-        within the chunk budget (short prompts together, a long prompt alone in chunks)."""
+        """Feed prompt tokens of the first prefilling rows in one forward: each row its next
+        min(todo, budget) tokens, rows of different lengths padded to the longest (a row
+        advances by its own count; the padding's cache slots are overwritten before anything
+        attends to them), as many rows as fit the chunk budget with their padding. Short
+        prompts arriving together go in one forward, a long prompt alone in chunks."""
         d = self.n_decoding
         budget = self.prefill_budget()
         t0 = time.perf_counter()
-        first = self.rows[d]
-        T = min(budget, first.todo)
-        k = 1
-        while d + k < len(self.rows) and self.rows[d + k].todo >= T and (k + 1) * T <= budget:
-            k += 1
+        take = [min(budget, self.rows[d].todo)]
+        T = take[0]
+        for s in self.rows[d + 1 :]:
+            n = min(budget, s.todo)
+            t = max(T, n)
+            fits = all(r.fed + t <= self.ctx for r in self.rows[d : d + len(take) + 1])
+            if (len(take) + 1) * t > budget or not fits:
+                break
+            take.append(n)
+            T = t
+        k = len(take)
         rows = self.rows[d : d + k]
         x = torch.tensor(
-            [s.seq[s.start + s.fed : s.start + s.fed + T] for s in rows], device=self.device
+            [
+                s.seq[s.start + s.fed : s.start + s.fed + n] + [0] * (T - n)
+                for s, n in zip(rows, take)
+            ],
+            device=self.device,
         )
         view = self.cache.view(d, k, max(s.fed for s in rows) + T)
-        logits = self.model(x, cache=view, last_only=True)[:, -1]
+        n_new = None if all(n == T for n in take) else torch.tensor(take)
+        logits = self.model(x, cache=view, last_only=True, n_new=n_new)[:, -1]
         ready = []
-        for j, s in enumerate(rows):
-            s.fed += T
+        for j, (s, n) in enumerate(zip(rows, take)):
+            s.fed += n
             if not s.todo:
                 ready.append(j)
         if ready:

@@ -130,7 +130,8 @@ class KVCache:
         self.v[layer][rows, :, pos] = v.transpose(1, 2)
         return self.k[layer], self.v[layer], mask
 
-    def advance(self, n: int) -> None:
+    def advance(self, n) -> None:
+        """Add n (an int, or a (B,) host tensor of per-row counts) to the rows' lengths."""
         self.lengths += n
         self._step = None
 
@@ -309,6 +310,8 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # tied weights count once
+        # Linears repacked for CPU generation (azgpt.cpu_linear) hold no Parameters.
+        n += sum(getattr(m, "n_params", 0) for m in self.modules())
         if non_embedding and not self.llama:
             n -= self.transformer.wpe.weight.numel()
         return n
@@ -331,6 +334,7 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         segments: torch.Tensor | None = None,
+        n_new: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One contract. With `targets` (B, T): the mean cross-entropy (ignore_index -1) and
         nothing else, so no (B, T, vocab) tensor leaves the training forward (Accelerate's
@@ -340,6 +344,8 @@ class GPT(nn.Module):
         `cache.lengths` and the cache advances by T. With `segments` (B, T) integers, a row
         holds several sequences packed end to end (fine-tuning): positions restart at each
         change of segment id and a token attends only to earlier tokens of its own segment.
+        With a cache, `n_new` (B,) on the host: row b holds n_new[b] real tokens, the rest of
+        its T padding; it advances by n_new[b] and `last_only` returns its last real position.
         """
         B, T = idx.shape
         mask = None
@@ -372,7 +378,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i, rope, mask)
         if cache is not None:
-            cache.advance(T)
+            cache.advance(T if n_new is None else n_new)
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, V)
@@ -381,7 +387,10 @@ class GPT(nn.Module):
                 logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
             )
         if last_only:
-            x = x[:, -1:, :]
+            if n_new is None:
+                x = x[:, -1:, :]
+            else:
+                x = x[torch.arange(B, device=x.device), n_new.to(x.device) - 1][:, None]
         return self.lm_head(x)
 
     @torch.no_grad()

@@ -249,12 +249,13 @@ def bench_model(
     log: Path,
     long_prompt: int = 0,
     prefill_chunk: str = "auto",
+    stall_ms: int = 100,
 ):
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "azgpt", "serve", "--ckpt", str(ckpt), "--port", str(port)]
     cmd += ["--max-batch", str(max(levels)), "--device", "cpu"]
-    cmd += ["--prefill-chunk", str(prefill_chunk)]
+    cmd += ["--prefill-chunk", str(prefill_chunk), "--stall-ms", str(stall_ms)]
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -301,6 +302,7 @@ def main() -> None:
     ap.add_argument("--demo-ckpt", help="a trained demo checkpoint (default: random weights)")
     ap.add_argument("--long-prompt", type=int, default=480, help="0: skip the long-prompt run")
     ap.add_argument("--prefill-chunk", default="auto", help="the server's --prefill-chunk")
+    ap.add_argument("--stall-ms", type=int, default=100, help="the server's --stall-ms")
     a = ap.parse_args()
 
     from azgpt.tokenizer import save_tokenizer, train_tokenizer
@@ -320,7 +322,7 @@ def main() -> None:
             ckpt = make_checkpoint(ROOT / "configs" / config, work / "tok", work / label)
         info, rows = bench_model(
             label, ckpt, levels, a.tokens, a.threads, a.repeat, work / f"{label}.log",
-            a.long_prompt if label == "gpt100m" else 0, a.prefill_chunk,
+            a.long_prompt if label == "gpt100m" else 0, a.prefill_chunk, a.stall_ms,
         )  # fmt: skip
         if "long_prompts" in info:
             info["long_prompts"]["floor"] = prefill_floor(ckpt, a.long_prompt, 8, a.threads)

@@ -58,6 +58,7 @@ def test_packed_linears_compute_the_same_logits(kw):
     assert model.linear_backend == "onednn"  # tiny: below GEMV_MIN_BYTES, no compile
     plain, packed = linears(model)
     assert plain == 0 and len(packed) == n_linear
+    assert model.num_params() == ref.num_params()  # /health and the startup line report it
     prompt = torch.randint(0, 300, (3, 9))
     for a, b in zip(decode_logits(ref, prompt), decode_logits(model, prompt)):
         assert (a - b).abs().max().item() < 1e-4

@@ -282,6 +282,28 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decoding_steps(tok):
     assert dec2.trace[0] == (0, 4 * len(rows[0].seq[: rows[0].n_prompt]))
 
 
+def test_prompts_of_different_lengths_are_prefilled_together_as_they_are_alone(tok):
+    """Short prompts of different lengths arriving together share one padded forward (each row
+    advances by its own length; its first token comes from its own last position), and every
+    row then generates exactly what it generates alone, for both architectures."""
+    for kw in ({}, {"arch": "llama", "n_kv_head": 1, "bias": False}):
+        model = small(tok, block_size=64, **kw)
+        texts = ["Bakı", "Gəncə qədim şəhərdir", "Salam", "Xəzər dənizinin sahili uzundur."]
+        ids = [prompt_ids(tok, t) for t in texts]
+        assert len({len(i) for i in ids}) > 2  # really of different lengths
+        params = [SamplingParams(max_tokens=12, temperature=0.9, seed=i, ignore_eos=True)
+                  for i in range(len(ids))]  # fmt: skip
+        dec = Decoder(model, tok, max_batch=4, prefill_chunk=64)
+        events = [[] for _ in ids]
+        run(dec, [row(i, p, e) for i, p, e in zip(ids, params, events)])
+        longest = max(len(i) for i in ids)
+        assert dec.trace[0] == (0, len(ids) * longest)  # one forward, padded to the longest
+        for i, p, e in zip(ids, params, events):
+            alone = "".join(stream_text(model, tok, i, p))
+            assert "".join(x.text for x in e if isinstance(x, Chunk)) == alone
+            assert e[-1].prompt_tokens == len(i) and e[-1].completion_tokens == 12
+
+
 def test_the_adaptive_chunk_fits_the_stall_budget_beside_decoding(tok):
     """`prefill_chunk=None`: each iteration prefills as many prompt tokens as the measured
     speed says fit `stall_ms` beside the decoding forward (within MIN/MAX_PREFILL_CHUNK); with

@@ -190,7 +190,7 @@ def serve(
     max_batch: int = 8,
     max_queue: int = 64,
     prefill_chunk: int | None = None,
-    stall_ms: float = 200.0,
+    stall_ms: float = 100.0,
     limits: Limits | None = None,
     origins: Sequence[str] = (),
     max_connections: int = 256,
