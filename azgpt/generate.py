@@ -40,6 +40,7 @@ import logging
 import math
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -417,6 +418,10 @@ class Decoder:
         # token prefilled; they size the adaptive chunk.
         self.decode_ms: float | None = None
         self.prefill_ms_per_token: float | None = None
+        # A prefill forward costs a fixed part (every weight is read once, as in a decoding
+        # step) plus a part per token: fitted to the last prefills' (tokens, ms).
+        self.prefill_fixed_ms = 0.0
+        self._prefill_samples: deque[tuple[int, float]] = deque(maxlen=32)
         self.model = model.eval()
         self.config = model.config
         self.ctx = check_ctx(model.config, ctx)
@@ -555,8 +560,23 @@ class Decoder:
                     s.t_prompt = now
                     self.stats["prefills"] += 1
             self._accept_all(ready_rows, toks)
-        self._measure("prefill_ms_per_token", (time.perf_counter() - t0) * 1e3 / (k * T))
+        self._fit_prefill(k * T, (time.perf_counter() - t0) * 1e3)
         return k * T
+
+    def _fit_prefill(self, tokens: int, ms: float) -> None:
+        """Least squares of ms = fixed + per_token * tokens over the recent prefills (a plain
+        average per token while their sizes do not differ enough to fit a line)."""
+        pts = self._prefill_samples
+        pts.append((tokens, ms))
+        n = len(pts)
+        mx = sum(t for t, _ in pts) / n
+        my = sum(m for _, m in pts) / n
+        var = sum((t - mx) ** 2 for t, _ in pts)
+        slope = sum((t - mx) * (m - my) for t, m in pts) / var if var > 0 and n >= 3 else 0.0
+        if slope > 0 and my - slope * mx >= 0:
+            self.prefill_ms_per_token, self.prefill_fixed_ms = slope, my - slope * mx
+        else:
+            self.prefill_ms_per_token, self.prefill_fixed_ms = my / max(mx, 1e-9), 0.0
 
     def prefill_budget(self) -> int:
         """Prompt tokens to prefill in this iteration. With no stream decoding there is nobody
@@ -570,7 +590,7 @@ class Decoder:
             return fixed
         if self.prefill_ms_per_token is None or self.decode_ms is None:
             return 64
-        room = self.stall_ms - self.decode_ms
+        room = self.stall_ms - self.decode_ms - self.prefill_fixed_ms
         n = int(room / max(self.prefill_ms_per_token, 1e-6))
         return max(MIN_PREFILL_CHUNK, min(MAX_PREFILL_CHUNK, n))
 

@@ -321,6 +321,16 @@ def test_the_adaptive_chunk_fits_the_stall_budget_beside_decoding(tok):
     assert dec.prefill_budget() == MIN_PREFILL_CHUNK  # a slow machine still makes progress
     dec.decode_ms, dec.prefill_ms_per_token = 1.0, 1e-4
     assert dec.prefill_budget() == MAX_PREFILL_CHUNK
+    # The fit: prefills of 10 and 50 tokens taking 30 and 70 ms are 20 ms + 1 ms per token,
+    # so beside a 40 ms decoding step a 100 ms iteration has room for 40 tokens.
+    dec.stall_ms, dec.decode_ms = 100.0, 40.0
+    for tokens, ms in ((10, 30.0), (50, 70.0), (10, 30.0), (50, 70.0)):
+        dec._fit_prefill(tokens, ms)
+    assert dec.prefill_ms_per_token == pytest.approx(1.0)
+    assert dec.prefill_fixed_ms == pytest.approx(20.0)
+    dec.n_decoding = 1
+    assert dec.prefill_budget() == 40
+    dec.n_decoding, dec.stall_ms = 0, 200.0
     dec.n_decoding = 0
     # Measured for real: a stall budget far below one token's prefill keeps every chunk at
     # the minimum while a stream decodes; a generous one lets a chunk take the whole prompt.
