@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import tempfile
 import time
@@ -146,6 +147,30 @@ def _encode_batch(
     return cat[False], cat[True], ended[False], ended[True], train_items
 
 
+def _encode_batch_spooled(job_spool: tuple) -> tuple:
+    """`_encode_batch` in a pool worker: the token bytes go to a file in the spool folder and
+    only a small tuple travels back through the pipe. A message under PIPE_BUF (4 KB) is
+    written whole or not at all, so a worker killed mid-reply (the out-of-memory killer) can
+    never leave half a message that the pool's reader waits on forever (that hung prepare)."""
+    job, spool = job_spool
+    tr, va, ntr, nva, items = _encode_batch(job)
+    fd, path = tempfile.mkstemp(suffix=".bin", dir=spool)
+    with os.fdopen(fd, "wb") as f:
+        f.write(tr)
+        f.write(va)
+        f.write(np.asarray(items, dtype=np.int64).reshape(-1, 2).tobytes())
+    return path, len(tr), len(va), ntr, nva
+
+
+def _unspool(res: tuple) -> tuple:
+    path, ltr, lva, ntr, nva = res
+    p = Path(path)
+    data = p.read_bytes()
+    p.unlink()
+    items = np.frombuffer(data[ltr + lva :], dtype=np.int64).reshape(-1, 2)
+    return data[:ltr], data[ltr : ltr + lva], ntr, nva, [(int(n), bool(e)) for n, e in items]
+
+
 GROUP_CHARS = 1 << 20  # characters per encoder call: bounds memory whatever the documents' sizes
 
 
@@ -215,6 +240,19 @@ def remove_stale_temps(out_dir: Path) -> None:
             except PermissionError:
                 continue  # alive, another user's
         p.unlink(missing_ok=True)
+    for d in out_dir.glob(".spool.*"):  # the pool's reply files (_encode_batch_spooled)
+        parts = d.name.split(".")
+        pid = int(parts[2]) if len(parts) > 3 and parts[2].isdigit() else None
+        if pid is None or pid == os.getpid() or not d.is_dir() or d.is_symlink():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @dataclass
@@ -314,6 +352,7 @@ def run_prepare(
                 if batch:
                     yield (idxs, batch, more, seed, val_fraction)
 
+            spool = None
             if workers > 1:
                 pool = ProcessPoolExecutor(
                     workers,
@@ -321,15 +360,24 @@ def run_prepare(
                     initializer=_init_worker,
                     initargs=(str(tok_path), backend),
                 )
+                spool = tempfile.mkdtemp(prefix=f".spool.{os.getpid()}.", dir=out_dir)
+                results = map(
+                    _unspool,
+                    ordered_map(
+                        _encode_batch_spooled,
+                        ((j, spool) for j in jobs()),
+                        pool,
+                        window=2 * workers,
+                    ),
+                )
             else:
                 pool = None
                 _init_worker(str(tok_path), backend, tok)
+                results = ordered_map(_encode_batch, jobs(), None, window=1)
             try:
                 sizes = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in files}
                 open_len = 0  # tokens of the train document whose parts are being written
-                for tr, va, ntr, nva, items in ordered_map(
-                    _encode_batch, jobs(), pool, window=2 * workers
-                ):
+                for tr, va, ntr, nva, items in results:
                     writers["train"].write(np.frombuffer(tr, dtype=np.uint16))
                     writers["val"].write(np.frombuffer(va, dtype=np.uint16))
                     n_docs["train"] += ntr
@@ -351,6 +399,8 @@ def run_prepare(
             finally:
                 if pool is not None:
                     pool.shutdown(cancel_futures=True)
+                if spool is not None:
+                    shutil.rmtree(spool, ignore_errors=True)
             for p, was in sizes.items():
                 if (p.stat().st_size, p.stat().st_mtime_ns) != was:
                     raise UserError(

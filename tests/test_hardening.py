@@ -550,6 +550,26 @@ def test_a_panic_inside_the_tokenizers_library_is_one_sentence(data, tmp_path, m
     assert "Traceback" not in err
 
 
+def test_a_prepare_workers_reply_fits_one_atomic_pipe_write(data, tmp_path):
+    """A pool worker's reply is a few numbers and a file name, far under PIPE_BUF (4,096
+    bytes), so the kernel writes it whole or not at all: a worker killed while replying cannot
+    leave half a message for the pool to wait on forever (prepare hung so, 30 minutes, when a
+    worker carried a megabyte of token ids back). The spool file holds the same ids."""
+    import pickle
+
+    import azgpt.prepare as P
+
+    tok_dir, _ = data
+    text = "\n".join(p.read_text(encoding="utf-8") for p in sorted(SAMPLE.glob("*.txt")))
+    docs = [text] * 40
+    job = (list(range(40)), docs, [False] * 40, 0, 0.1)
+    P._init_worker(str(tok_dir), "tokenizers")
+    want = P._encode_batch(job)
+    reply = P._encode_batch_spooled((job, str(tmp_path)))
+    assert len(pickle.dumps(reply)) < 512 < len(want[0])
+    assert P._unspool(reply) == want and not list(tmp_path.iterdir())
+
+
 def test_a_prepare_worker_killed_mid_run_is_one_sentence(data, tmp_path):
     """A worker killed (the kernel's out-of-memory killer, a user) is one sentence naming the
     cause and the fix; no token file is left behind."""
