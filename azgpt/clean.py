@@ -7,6 +7,7 @@ import json
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from .corpus import (
 from .dedup import NEAR_DUP_THRESHOLD, ExactDedup, LineFilter, NearDedup, Signer
 from .errors import UserError
 from .fsutil import atomic_path
+from .poolio import Spool, call_spooled, unspool
 from .quality import DEFAULT as QUALITY_THRESHOLDS
 from .quality import verdict as quality_verdict
 from .text import CleanOptions, clean_document, language_verdict
@@ -175,20 +177,23 @@ def run_clean(
     t0 = time.perf_counter()
     lines = _count_site_lines(files, text_field) if filter and line_filter else None
     pool = ProcessPoolExecutor(workers, mp_context=worker_context()) if workers > 1 else None
+    spool = Spool("azgpt-clean-") if pool is not None else None
     try:
         with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
             docs = _documents(files, report, text_field, lines)
+            batches = batched(docs, batch_docs, max_chars=4 << 20, size_of=lambda d: len(d[0]))
+            if spool is not None:  # replies through files: a killed worker cannot hang the pool
+                tasks = ((job, b, spool.path) for b in batches)
+                window = 4 * workers
+                replies = map(unspool, ordered_map(call_spooled, tasks, pool, window=window))
+            else:
+                replies = ordered_map(job, batches, None, window=1)
             first = True
             # A long document comes in parts, each cleaned, filtered and deduplicated on its own;
             # the parts kept are written joined by a newline, as one document.
             in_doc = False  # the item read belongs to the document of the item before it
             doc_written = False  # some part of the current document has been written
-            for results in ordered_map(
-                job,
-                batched(docs, batch_docs, max_chars=4 << 20, size_of=lambda d: len(d[0])),
-                pool,
-                window=4 * max(1, workers),
-            ):
+            for results in replies:
                 for text, stats, reason, nbytes, sig, more in results:
                     part_of = in_doc
                     in_doc = more
@@ -222,9 +227,16 @@ def run_clean(
             if report.documents_out == 0:
                 raise UserError(_nothing_left(inputs, report, filter, text_field))
             f.write("\n")
+    except BrokenProcessPool:
+        raise UserError(
+            "a clean worker process died (out of memory, or killed); rerun, with fewer "
+            "--workers if memory is short."
+        ) from None
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+        if spool is not None:
+            spool.__exit__()
     report.seconds = time.perf_counter() - t0
     return report
 

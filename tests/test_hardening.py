@@ -650,3 +650,58 @@ def test_sample_into_a_closed_pipe_is_not_an_error(run):
         shell=True, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+def test_a_clean_worker_killed_mid_run_is_one_sentence(tmp_path):
+    """`clean --workers 2` with a worker killed while the pool is at work: one sentence naming
+    the cause and the fix, exit 2, no output file; the workers' replies travel through spool
+    files whose names (a few dozen bytes) the kernel writes whole, so the pool cannot hang on
+    half a reply."""
+    import signal
+    import time
+
+    from azgpt.poolio import call_spooled, unspool
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    big_reply = ["Bakı " * 50_000] * 20  # ~5 MB pickled
+    path = call_spooled((_identity, big_reply, str(spool)))
+    assert len(path.encode()) < 512 and unspool(path) == big_reply and not list(spool.iterdir())
+
+    text = "\n".join(p.read_text(encoding="utf-8") for p in sorted(SAMPLE.glob("*.txt")))
+    src = tmp_path / "big.txt"
+    with open(src, "w", encoding="utf-8") as f:
+        for i in range(20_000_000 // len(text.encode())):  # ~20 MB of distinct documents
+            f.write(f"{i}. {text}\n\n")
+    out = tmp_path / "clean.txt"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "azgpt", "clean", str(src), "--out", str(out), "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+    def workers() -> list[int]:
+        found = []
+        for d in Path("/proc").iterdir():
+            try:
+                if d.name.isdigit() and f"PPid:\t{p.pid}\n" in (d / "status").read_text():
+                    if b"spawn_main" in (d / "cmdline").read_bytes():
+                        found.append(int(d.name))
+            except OSError:
+                continue
+        return found
+
+    deadline = time.monotonic() + 120
+    while len(workers()) < 2 and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # the pool has batches in flight
+    victims = workers()
+    assert victims, "no worker process appeared"
+    os.kill(victims[0], signal.SIGKILL)
+    _, err = p.communicate(timeout=300)
+    r = subprocess.CompletedProcess(p.args, p.returncode, "", err)
+    assert "clean worker process died" in _one_sentence(r)
+    assert not out.exists()
+
+
+def _identity(x):
+    return x
