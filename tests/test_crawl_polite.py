@@ -163,6 +163,24 @@ def records(out: Path) -> list[dict]:
             ["/a"],
             ["/b"],
         ),
+        # Groups whose names are prefixes of azgpt (or another case and a version of one) are
+        # other crawlers' groups; azgpt falls back to `*`.
+        (
+            "prefix_groups",
+            "User-agent: az\nDisallow: /\n\nUser-agent: azg\nUser-agent: a\nDisallow: /\n\n"
+            "User-agent: Az/1.0\nDisallow: /\n\nUser-agent: *\nDisallow: /b\n",
+            ["/a"],
+            ["/b"],
+        ),
+        # `*` disallows everything; a group for `az` allowing all is not azgpt's.
+        ("star_only", "User-agent: *\nDisallow: /\n\nUser-agent: az\nAllow: /\n", [], ["/a"]),
+        # Azgpt's own group, in another case and with a version, wins over `*`.
+        (
+            "own_group_any_case",
+            "User-agent: *\nDisallow: /\n\nUser-agent: AzGPT/2.0\nDisallow: /b\n",
+            ["/a"],
+            ["/b"],
+        ),
         # Over 500 KiB: the first 500 KiB are rules, the rest is ignored, the host is not lost.
         (
             "large",
@@ -182,6 +200,40 @@ def test_robots_txt_as_rfc_9309_reads_it(tmp_path, name, robots_txt, allowed, re
         for p in refused:
             assert p not in site.paths(), (name, site.paths())
         assert site.paths().count("/robots.txt") == 1
+
+
+def test_robots_groups_match_the_product_token_exactly(tmp_path):
+    """RFC 9309 2.2.1: a group is azgpt's when its product token equals `azgpt` (any case, any
+    version); otherwise `*` holds, for Disallow and for the crawl delay alike."""
+    from azgpt.crawl.robots import parse_robots, robots_text
+
+    for name, applies in [
+        ("az", False),
+        ("azg", False),
+        ("a", False),
+        ("AZ", False),
+        ("azgp", False),
+        ("Az/1.0", False),
+        ("azgpt-news", False),
+        ("gpt", False),
+        ("azgpt", True),
+        ("AzGPT/2.0", True),
+    ]:
+        body = f"User-agent: {name}\nDisallow: /\nCrawl-delay: 7\n\nUser-agent: *\nAllow: /\n"
+        rules = parse_robots(robots_text(body.encode()))
+        assert rules.can_fetch("http://x/page", "azgpt") is not applies, name
+        assert rules.crawl_delay("azgpt") == (7 if applies else None), name
+    rules = parse_robots(robots_text(b"User-agent: *\nDisallow: /\n\nUser-agent: az\nAllow: /\n"))
+    assert not rules.can_fetch("http://x/page", "azgpt")
+    # A crawl: the long delay of a group for `az` does not make azgpt skip the host.
+    routes = {
+        "/robots.txt": robots("User-agent: az\nCrawl-delay: 50\n\nUser-agent: *\nAllow: /\n"),
+        "/": ok(article("Giriş")),
+    }
+    with serve(routes) as site:
+        report, out = crawl(tmp_path, [f"{site.base}/"], max_crawl_delay=1.0)
+        assert site.paths() == ["/robots.txt", "/"]
+        assert not report.skipped and len(records(out)) == 1
 
 
 def test_robots_txt_5xx_waits_and_retries_then_crawls(tmp_path):

@@ -1,8 +1,11 @@
 """robots.txt (RFC 9309) and the page-level directives (`<meta name="robots">`, X-Robots-Tag).
 
 What azgpt does with robots.txt, by the RFC's sections:
-- 2.2.1: groups are matched by product token, case-insensitively: `User-agent: azgpt/0.1`
-  names azgpt (the version is dropped before matching).
+- 2.2.1: a group applies to azgpt when its user-agent's product token equals `azgpt`,
+  case-insensitively (`User-agent: AzGPT/2.0` names azgpt: the version is dropped before
+  matching); `az`, `azg` or `azgpt-news` do not. The `*` group applies only when no group names
+  azgpt. Protego parses the file; the group is chosen here (Protego's own matching also takes a
+  group whose name is a prefix of the crawler's, such as `az`).
 - 2.3.1.2-4: 2xx: the rules; 4xx: no rules; 5xx or no answer: everything is disallowed while it
   lasts; the crawler asks again with backoff (crawler.py), its URLs stay queued.
 - 2.4: a robots.txt is kept at most 24 hours, then fetched again.
@@ -13,6 +16,7 @@ What azgpt does with robots.txt, by the RFC's sections:
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit
 
 UA_TOKEN = "azgpt"
 ROBOTS_MAX_BYTES = 500 * 1024
@@ -32,10 +36,39 @@ def robots_text(body: bytes) -> str:
     return _UA_LINE.sub(lambda m: m.group(1) + m.group(2), text)
 
 
-def parse_robots(text: str):
-    from protego import Protego
+class Robots:
+    """The rules of one robots.txt, asked for by product token."""
 
-    return Protego.parse(text)
+    def __init__(self, text: str):
+        from protego import Protego
+
+        self._parsed = Protego.parse(text)
+
+    def _group(self, token: str):
+        # Protego keeps one rule set per user-agent name, lower case (groups naming the same
+        # crawler merged, as RFC 9309 2.2.1 asks); the names are product tokens already
+        # (robots_text cuts the version).
+        groups = self._parsed._user_agents
+        rules = groups.get(token.lower())
+        return rules if rules is not None else groups.get("*")
+
+    def can_fetch(self, url: str, token: str = UA_TOKEN) -> bool:
+        if urlsplit(url).path == "/robots.txt":
+            return True
+        rules = self._group(token)
+        return True if rules is None else rules.can_fetch(url)
+
+    def crawl_delay(self, token: str = UA_TOKEN) -> float | None:
+        rules = self._group(token)
+        return None if rules is None else rules.crawl_delay
+
+    def request_rate(self, token: str = UA_TOKEN):
+        rules = self._group(token)
+        return None if rules is None else rules.request_rate
+
+
+def parse_robots(text: str) -> Robots:
+    return Robots(text)
 
 
 def directives(values: list[str], token: str = UA_TOKEN) -> set[str]:
