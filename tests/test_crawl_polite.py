@@ -358,6 +358,35 @@ def test_a_slow_host_does_not_hold_up_a_fast_one(tmp_path):
         assert report.fetched == 12
 
 
+def test_a_slow_hosts_crawl_delay_is_not_slept_in_the_step_that_reads_it(tmp_path):
+    """The slow host is first in the queue and its robots.txt asks for 60 s between requests.
+    The step that reads it leaves the page queued instead of sleeping: every page of the fast
+    host is asked before the slow host's second request (its first page)."""
+    slow_routes = {
+        "/robots.txt": robots("User-agent: *\nCrawl-delay: 60\n"),
+        "/": ok(article("Yavaş", ["/s1"])),
+        "/s1": ok(article("S1")),
+    }
+    fast_pages = [f"/f{i}" for i in range(5)]
+    fast_routes = {
+        "/robots.txt": robots("User-agent: *\nAllow: /\n"),
+        "/": ok(article("Tez", fast_pages)),
+    }
+    fast_routes |= {p: ok(article(p)) for p in fast_pages}
+    with serve(slow_routes) as slow, serve(fast_routes) as fast:
+        t0 = time.monotonic()
+        report, _ = crawl(tmp_path, [f"{slow.base}/", f"{fast.base}/"], max_pages=6)
+        took = time.monotonic() - t0
+    assert slow.paths()[0] == "/robots.txt"  # the slow host had the first turn
+    fast_times = [t for t, _, p in fast.log if p != "/robots.txt"]
+    assert sorted(p for p in fast.paths() if p != "/robots.txt") == sorted(["/", *fast_pages])
+    slow_times = [t for t, _, _ in slow.log]
+    second_slow = slow_times[1] if len(slow_times) > 1 else float("inf")
+    assert all(t < second_slow for t in fast_times), (slow.log, fast.log)
+    assert report.fetched == 6 and report.queued == 1  # the slow host's page waits its turn
+    assert took < 30  # nowhere near the slow host's 60 s
+
+
 def test_a_host_over_the_crawl_delay_cap_is_skipped_and_counted(tmp_path):
     routes = {
         "/robots.txt": robots("User-agent: *\nCrawl-delay: 1000000000\n"),

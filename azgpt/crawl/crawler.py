@@ -6,9 +6,11 @@ Politeness: requests go one at a time; a server (the address a host resolves to,
 its previous response ended, or the host's robots.txt crawl-delay / request-rate when longer. A
 host whose crawl delay is over `max_crawl_delay` (5 minutes) is skipped and counted. The next
 URL is the oldest queued URL of the host that may be asked soonest, so a slow host never holds
-up the others. 429 and 503 answers are asked again after their Retry-After (when it is within
-`max_crawl_delay`) or an exponential backoff, at most `max_retries` times, then counted; the
-host's other URLs wait as long.
+up the others; nor does a step sleep before its first page request (a host's first step reads
+its robots.txt, learns a crawl delay of 20 s and leaves the page queued for its turn). 429 and
+503 answers are asked again after their Retry-After (when it is within `max_crawl_delay`) or an
+exponential backoff, at most `max_retries` times, then counted; the host's other URLs wait as
+long.
 
 Resumability: a page's record, its URL marked done and the links it adds are one transaction,
 so a kill at any moment loses nothing committed and fetches nothing committed again (only the
@@ -141,6 +143,12 @@ class CrawlReport:
             if c:
                 lines.append(f"{title}: " + ", ".join(f"{k}={v:,}" for k, v in sorted(c.items())))
         return "\n".join(lines)
+
+
+class _NotYet(Exception):
+    """The step's first request would have to wait for its server's delay (known only now, from a
+    robots.txt just read, or a server not asked before): the URL stays queued and the scheduler
+    picks what may be asked sooner, rather than the step sleeping while other hosts could go."""
 
 
 class _Later(Exception):
@@ -366,9 +374,11 @@ class Crawler:
         """(status, body) of the origin's robots.txt; redirects followed (RFC 9309: at least
         five), also to another origin (http -> https is common); 0 when there is no answer."""
         url = org + "/robots.txt"
-        for _ in range(self.opts.max_redirects + 1):
+        for hop in range(self.opts.max_redirects + 1):
             try:
-                resp = self._request(url, ROBOTS_MAX_BYTES, robots=True)
+                resp = self._request(
+                    url, ROBOTS_MAX_BYTES, robots=True, may_defer=hop == 0 and self.requests == 0
+                )
             except FetchError as e:
                 if e.kind == "private_address":
                     raise
@@ -385,9 +395,13 @@ class Crawler:
 
     # ------------------------------------------------------------------ HTTP
 
-    def _request(self, url: str, cap: int, robots: bool = False) -> Response:
+    def _request(
+        self, url: str, cap: int, robots: bool = False, may_defer: bool = False
+    ) -> Response:
         """One GET, after the server's delay; the body is read only for a 2xx text answer (any
-        2xx answer for robots.txt, cut at `cap`)."""
+        2xx answer for robots.txt, cut at `cap`). With `may_defer` (no page of the step asked
+        yet), a server that is not ready raises _NotYet instead of sleeping; later hops of a
+        redirect chain wait here, since starting the chain again would never get further."""
         org = origin(url)
         # The server is the address and port connected to: virtual hosts on one server share
         # its delay, as do 127.0.0.1, 127.1 and localhost.
@@ -399,6 +413,8 @@ class Crawler:
         # The longest delay any of the server's hosts asks for holds for all of them, and for
         # the robots.txt of a host not seen before.
         delay = self.server_delay[addr] = max(delay, self.server_delay.get(addr, 0.0))
+        if may_defer and self._server_ready(addr, delay) > time.time():
+            raise _NotYet()
         if not robots:
             self.requests += 1
         self._wait_for(addr, delay)
@@ -427,7 +443,7 @@ class Crawler:
                 raise FetchError("offsite")
             if not self.allowed(cur):
                 raise FetchError("robots_disallowed")
-            resp = self._request(cur, self.opts.max_bytes)
+            resp = self._request(cur, self.opts.max_bytes, may_defer=self.requests == 0)
             if resp.status not in (301, 302, 303, 307, 308):
                 return resp, chain
             nxt = normalize_url(resp.location or "", cur)
@@ -490,6 +506,8 @@ class Crawler:
             kind = e.kind
         except _Later as e:
             kind, later = None, e
+        except _NotYet:
+            return  # nothing asked: the URL waits in the queue for its server's turn
         sha = None
         if record is not None:
             sha = hashlib.sha256(record["text"].encode("utf-8")).hexdigest()
@@ -558,8 +576,9 @@ class Crawler:
 
     def next_url(self) -> tuple[int, str, int] | float | None:
         """The oldest queued URL of the host that may be asked soonest (one row per host, so a
-        slow host never holds up the others); the time to wait until one may be asked, when
-        every queued URL waits for a retry; None when the queue is empty."""
+        slow host never holds up the others); the time until one may be asked, when none may
+        be asked now (every queued URL waits for a retry, or every host for its delay); None
+        when the queue is empty."""
         now = time.time()
         rows = self.db.execute(
             "SELECT host, min(id) FROM urls WHERE done=0 AND not_before <= ? GROUP BY host",
@@ -571,13 +590,16 @@ class Crawler:
         best, best_ready = None, float("inf")
         for host, uid in rows:
             addr = self.addrs.get(host)
-            if addr:
-                delay = max(self._host_delay(host), self.server_delay.get(addr, 0.0))
+            host_delay = self._host_delay(host)
+            if addr and host_delay <= self.opts.max_crawl_delay:
+                delay = max(host_delay, self.server_delay.get(addr, 0.0))
                 ready = self._server_ready(addr, delay)
             else:
-                ready = 0.0
+                ready = 0.0  # not asked yet, or skipped at once (crawl_delay_too_long)
             if ready < best_ready or (ready == best_ready and uid < best[0]):
                 best, best_ready = (uid, host), ready
+        if best_ready > now:
+            return best_ready
         uid = best[0]
         return self.db.execute("SELECT id, url, depth FROM urls WHERE id=?", (uid,)).fetchone()
 
@@ -648,7 +670,7 @@ def run_crawl(urls_file: str | Path, out: str | Path, opts: CrawlOptions) -> Cra
             job = crawler.next_url()
             if job is None:
                 break
-            if isinstance(job, float):  # every queued URL waits for a retry
+            if isinstance(job, float):  # every queued URL waits for a retry or for its delay
                 time.sleep(min(max(job - time.time(), 0.0), 1.0))
                 continue
             before = crawler.counter("fetched")
