@@ -140,11 +140,19 @@ def _check_file(p: Path) -> None:
         )
 
 
+def legacy_code_page(data: bytes) -> str:
+    """The Windows code page legacy bytes are most likely in: cp1251 where most letters are high
+    bytes (Cyrillic), else cp1254 (Turkish/Azerbaijani Latin; identical to cp1252 except that it
+    has ğ ı İ ş Ş where cp1252 has ð ý Ý þ Þ). The crawler asks the same of a page's text."""
+    high = sum(b >= 0x80 for b in data)
+    ascii_letters = sum(65 <= b <= 90 or 97 <= b <= 122 for b in data)
+    return "cp1251" if high > ascii_letters else "cp1254"
+
+
 def _decode(line: bytes, stats: Counter) -> str:
     """A line as text. Not UTF-8: either UTF-8 with a few damaged bytes (dropped), or a legacy
-    Windows code page, decoded as such: cp1251 where most letters are high bytes (Cyrillic),
-    else cp1254 (Turkish/Azerbaijani Latin; identical to cp1252 except that it has ğ ı İ ş Ş
-    where cp1252 has ð ý Ý þ Þ). Dropping the bytes instead would keep "Azrbaycan razisind"."""
+    Windows code page (legacy_code_page), decoded as such. Dropping the bytes instead would keep
+    "Azrbaycan razisind"."""
     try:
         return line.decode("utf-8")
     except UnicodeDecodeError:
@@ -155,9 +163,7 @@ def _decode(line: bytes, stats: Counter) -> str:
     if multibyte >= bad:  # mostly good UTF-8 with a few stray bytes
         stats["invalid_utf8_lines"] += 1
         return kept
-    high = sum(b >= 0x80 for b in line)
-    ascii_letters = sum(65 <= b <= 90 or 97 <= b <= 122 for b in line)
-    codec = "cp1251" if high > ascii_letters else "cp1254"
+    codec = legacy_code_page(line)
     stats[f"{codec}_lines_decoded"] += 1
     return line.decode(codec, errors="replace").replace("\ufffd", "")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import html as htmllib
 import json
 import sqlite3
 import threading
@@ -520,6 +521,100 @@ def test_each_page_records_the_decoder_choice(tmp_path):
         _, out = crawl(tmp_path, [f"{site.base}/a", f"{site.base}/b"], depth=0)
         enc = {r["url"].removeprefix(site.base): r["encoding"] for r in records(out)}
         assert enc == {"/a": "cp1254 (detected; declared cp1251)", "/b": "utf-8"}
+
+
+RUSSIAN = (
+    "Азербайджан — государство в восточной части Закавказья, на берегу Каспийского моря. "
+    "Столица — город Баку, крупнейший порт и промышленный центр страны."
+)
+# Cyrillic-script Azerbaijani: ә, ҹ, һ, ө, ү are not in cp1251 and come as numeric references.
+AZ_CYRILLIC = (
+    "Азәрбајҹан Республикасы Ҹәнуби Гафгазда јерләшир. Пајтахты Бакы шәһәридир, о, Хәзәр "
+    "дәнизинин саһилиндә јерләшир. Өлкәнин әһалиси он милјондан чохдур."
+)
+
+
+def page_in(text: str, codec: str, meta: str = "", title: str = "Səhifə") -> bytes:
+    html = (
+        f"<html><head>{meta}<title>{title}</title></head><body><article><p>{text}</p>"
+        f"<p>{text}</p></article></body></html>"
+    )
+    return html.encode(codec, "xmlcharrefreplace")
+
+
+@pytest.mark.parametrize(
+    "text, codec, header, meta, chosen",
+    [
+        # cp1251 (Russian and Cyrillic Azerbaijani): undeclared, declared UTF-8 or cp1254.
+        (RUSSIAN, "cp1251", None, "", "cp1251 (detected; declared nothing)"),
+        (AZ_CYRILLIC, "cp1251", None, "", "cp1251 (detected; declared nothing)"),
+        (RUSSIAN, "cp1251", "utf-8", "", "cp1251 (detected; declared utf-8)"),
+        (AZ_CYRILLIC, "cp1251", "utf-8", "", "cp1251 (detected; declared utf-8)"),
+        (RUSSIAN, "cp1251", "windows-1254", "", "cp1251 (detected; declared cp1254)"),
+        (
+            AZ_CYRILLIC,
+            "cp1251",
+            None,
+            '<meta charset="windows-1254">',
+            "cp1251 (detected; declared cp1254)",
+        ),
+        # cp1254 declared latin-1 (header) or cp1252 (meta): `Bakı` would be `Baký`.
+        (LEGACY, "cp1254", "iso-8859-1", "", "cp1254 (detected; declared iso8859-1)"),
+        (
+            LEGACY,
+            "cp1254",
+            None,
+            '<meta charset="windows-1252">',
+            "cp1254 (detected; declared cp1252)",
+        ),
+        # What already held: cp1254 undeclared or declared cp1251, declared charsets that are right.
+        (LEGACY, "cp1254", None, "", "cp1254 (detected; declared nothing)"),
+        (LEGACY, "cp1254", "windows-1251", "", "cp1254 (detected; declared cp1251)"),
+        (LEGACY, "cp1254", "windows-1254", "", "cp1254"),
+        (RUSSIAN, "cp1251", "windows-1251", "", "cp1251"),
+        (AZ_CYRILLIC, "utf-8", None, "", "utf-8"),
+        (PROSE[0], "utf-8", "utf-8", "", "utf-8"),
+        # Valid UTF-8 is UTF-8, also when declared otherwise.
+        (AZ_CYRILLIC, "utf-8", "windows-1251", "", "utf-8 (detected; declared cp1251)"),
+        (PROSE[0], "utf-8", "iso-8859-1", "", "utf-8 (detected; declared iso8859-1)"),
+        # Not Azerbaijani: French in UTF-8 and Icelandic in latin-1 keep their declarations.
+        ("Élève à l'école d'été, où la fête a commencé.", "utf-8", None, "", "utf-8"),
+        ("Þjóðin á það skýrt að ræða við þá sem hafa.", "latin-1", "iso-8859-1", "", "iso8859-1"),
+    ],
+)
+def test_decode_page_judges_charsets_on_the_text(text, codec, header, meta, chosen):
+    from azgpt.crawl.extract import decode_page
+
+    title = "Səhifə" if text in (RUSSIAN, AZ_CYRILLIC, LEGACY, PROSE[0]) else "Page"
+    html, encoding = decode_page(page_in(text, codec, meta, title), header, True)
+    assert encoding == chosen
+    assert "\ufffd" not in html
+    assert text in htmllib.unescape(html)
+
+
+def test_pages_in_cp1251_or_declared_latin1_are_written_with_the_right_letters(tmp_path):
+    routes = {
+        "/robots.txt": robots("User-agent: *\nAllow: /\n"),
+        "/ru": ok(page_in(RUSSIAN, "cp1251"), "text/html"),
+        "/az-utf8": ok(page_in(AZ_CYRILLIC, "cp1251"), "text/html; charset=utf-8"),
+        "/az-1254": ok(
+            page_in("1. " + AZ_CYRILLIC, "cp1251", '<meta charset="windows-1254">'), "text/html"
+        ),
+        "/latin1": ok(page_in(LEGACY, "cp1254"), "text/html; charset=iso-8859-1"),
+        "/cp1252": ok(
+            page_in("2. " + LEGACY, "cp1254", '<meta charset="windows-1252">'), "text/html"
+        ),
+    }
+    with serve(routes) as site:
+        _, out = crawl(tmp_path, [f"{site.base}{p}" for p in routes if p != "/robots.txt"], depth=0)
+    recs = {r["url"].removeprefix(site.base): r for r in records(out)}
+    expect = {"/ru": RUSSIAN, "/az-utf8": AZ_CYRILLIC, "/az-1254": AZ_CYRILLIC}
+    expect |= {"/latin1": LEGACY, "/cp1252": LEGACY}
+    assert set(recs) == set(expect)
+    for path, text in expect.items():
+        assert text in recs[path]["text"] and "\ufffd" not in recs[path]["text"], path
+        assert recs[path]["encoding"].startswith("cp1251" if text != LEGACY else "cp1254"), path
+        assert "detected" in recs[path]["encoding"], path
 
 
 def test_hub_pages_of_links_are_skipped(tmp_path):

@@ -2,19 +2,27 @@
 links, and the page's own robots directives.
 
 The character set is chosen as browsers choose it (a byte order mark, then the Content-Type
-header's charset, then a `<meta charset>` in the first 4 KB, else UTF-8), then checked the way
-azgpt checks any text: a decoding that leaves U+FFFD, UTF-8 mojibake (`Ã¼`, `Ä±`) or words that
-mix Latin and Cyrillic letters (cp1254 bytes read as cp1251 turn `ı ü ş` into `э ь ю` inside
-Latin words) loses to one among UTF-8, cp1254 and cp1251 that leaves fewer such marks. The
-choice is kept in each record's `encoding` (`cp1254 (detected; declared cp1251)`).
+header's charset, then a `<meta charset>` in the first 4 KB, else UTF-8), then checked: bytes
+that are valid UTF-8 are UTF-8; otherwise, judged on the page's text (tags removed, entities
+unescaped), a decoding that leaves U+FFFD, UTF-8 mojibake
+(`Ã¼`, `Ä±`), words that mix Latin and Cyrillic letters (cp1254 bytes read as cp1251 turn
+`ı ü ş` into `э ь ю` inside Latin words), Latin letters Azerbaijani does not use (Cyrillic
+cp1251 bytes read as cp1254 give `Àçåðáàéäæàí`) or, in Azerbaijani-looking text, ý þ ð inside
+words (cp1254's ı ş ğ read as latin-1 or cp1252: `yaþamýþ`) loses to one among UTF-8, cp1254 and
+cp1251 that leaves fewer such signs; between those two code pages, ties go to the one
+`corpus.legacy_code_page` (the file reader's choice) picks for the text's bytes. The choice is
+kept in each record's `encoding` (`cp1254 (detected; declared cp1251)`).
 """
 
 from __future__ import annotations
 
 import codecs
+import html as htmllib
 import json
 import re
 
+from ..corpus import legacy_code_page
+from ..text import AZ_ALPHABET, az_share
 from .net import TEXT_TYPES, Response
 from .robots import directives
 from .urls import normalize_url
@@ -36,6 +44,26 @@ _BOMS = (
 )
 _MOJIBAKE = re.compile("Ã[\x80-\xbf¡-ÿ]|Ä[±°]|É™|Å[Ÿž]")
 _MIXED = re.compile(r"\b(?=\w*[A-Za-zəƏıİğĞşŞçÇöÖüÜ])(?=\w*[\u0400-\u04ff])\w+\b")
+# A tag: `[^<>]` keeps the scan linear on a page of stray `<`.
+_TAG = re.compile(r"<[^<>]*>")
+_TAG_BYTES = re.compile(rb"<[^<>]*>")
+# What cp1254's ı ş ğ İ Ş Ğ are in latin-1 and cp1252.
+_LATIN1_TELLTALE = "ýþðÝÞÐ"
+_TELLTALE = re.compile(rf"(?<=[^\W\d_])[{_LATIN1_TELLTALE}]|[{_LATIN1_TELLTALE}](?=[^\W\d_])")
+# Latin letters with diacritics that Azerbaijani does not use: not ä (ə in older text, and in
+# cp1254, which has no ə) nor the telltale ones, which count only in Azerbaijani-looking text.
+_FOREIGN = re.compile(
+    "["
+    + "".join(
+        c
+        for c in map(chr, range(0xC0, 0x250))
+        if c.isalpha() and c not in AZ_ALPHABET + "äÄ" + _LATIN1_TELLTALE
+    )
+    + "]"
+)
+_AZ_LOOKING = 0.01
+"""Share of ə, q, x among Latin letters from which a text counts as Azerbaijani-looking
+(Azerbaijani: about 13%, also where ə is written ä; English: about 0.3%)."""
 
 
 def _codec(name: str | None) -> str | None:
@@ -47,14 +75,28 @@ def _codec(name: str | None) -> str | None:
         return None
 
 
-def _marks(text: str) -> int:
-    """Signs of a wrong decoding: replacement characters, UTF-8 mojibake, mixed-script words."""
-    return text.count("\ufffd") + len(_MOJIBAKE.findall(text)) + len(_MIXED.findall(text))
+def _visible(text: str, html: bool) -> str:
+    return htmllib.unescape(_TAG.sub(" ", text)) if html else text
+
+
+def _with_schwa(text: str) -> str:
+    # Pages in cp1254, which has no ə, write it ä.
+    return text.replace("ä", "ə").replace("Ä", "Ə")
+
+
+def _doubts(text: str) -> int:
+    """Signs of a wrong decoding in a page's text: replacement characters, UTF-8 mojibake,
+    mixed-script words, Latin letters Azerbaijani does not use, and (in Azerbaijani-looking
+    text) ý þ ð inside words."""
+    n = text.count("\ufffd") + len(_MOJIBAKE.findall(text)) + len(_MIXED.findall(text))
+    n += len(_FOREIGN.findall(text))
+    if _TELLTALE.search(text) and az_share(_with_schwa(text[:100_000])) >= _AZ_LOOKING:
+        n += len(_TELLTALE.findall(text))
+    return n
 
 
 def decode_page(body: bytes, header_charset: str | None, html: bool) -> tuple[str, str]:
     """(text, the encoding used, as recorded)."""
-    declared = None
     for bom, name in _BOMS:
         if body.startswith(bom):
             return body[len(bom) :].decode(name, errors="replace"), name
@@ -63,16 +105,29 @@ def decode_page(body: bytes, header_charset: str | None, html: bool) -> tuple[st
         m = _META_CHARSET.search(body[:4096])
         declared = _codec(m.group(1).decode("ascii", "ignore")) if m else None
     first = declared or "utf-8"
+    try:
+        utf8 = body.decode("utf-8")
+    except UnicodeDecodeError:
+        utf8 = None
+    if utf8 is not None:
+        # Valid UTF-8 is UTF-8, whatever was declared: legacy text with letters above ASCII
+        # almost never is. ASCII alone reads the same in every candidate.
+        if first == "utf-8":
+            return utf8, first
+        if utf8.isascii():
+            return body.decode(first, errors="replace"), first
+        return utf8, f"utf-8 (detected; declared {declared})"
     text = body.decode(first, errors="replace")
-    bad = _marks(text)
+    bad = _doubts(_visible(text, html))
     if bad == 0:
         return text, first
+    legacy = legacy_code_page(_TAG_BYTES.sub(b" ", body) if html else body)
     best, best_name, best_bad = text, first, bad
-    for name in ("utf-8", "cp1254", "cp1251"):
+    for name in ("utf-8", legacy, "cp1251" if legacy == "cp1254" else "cp1254"):
         if name == first:
             continue
         t = body.decode(name, errors="replace")
-        b = _marks(t)
+        b = _doubts(_visible(t, html))
         if b < best_bad:
             best, best_name, best_bad = t, name, b
     if best_name == first:
