@@ -159,3 +159,80 @@ def test_bad_quality_value_is_one_line(tmp_path, capsys):
     assert main(["clean", str(src), "--out", str(tmp_path / "o.txt"), "--quality", "some"]) == 2
     err = capsys.readouterr().err
     assert "--quality" in err and "Traceback" not in err
+
+
+# A day's headlines in <p> (no links): about a fifth of the lines end in a quote, a guillemet
+# or a question mark, which the last character alone would count as ending a sentence.
+HEADLINE_DAY = "\n".join(
+    [
+        "Günün başlıqları",
+        "Prezident yeni fərman imzalayıb",
+        "Bakıda güclü külək gözlənilir",
+        "Milli komanda növbəti oyuna hazırlaşır",
+        "Neftin qiyməti yenidən bahalaşıb",
+        'Nazir: "İslahatlar davam edəcək"',
+        "Məktəblərdə yeni tədris ili başlayır?",
+        "Gəncədə yeni park istifadəyə verilib",
+        "Xəzərdə balıq ovuna qadağa qoyulur",
+        "Sumqayıtda yol təmiri başa çatıb",
+        "Deputat: «Bu qərar vaxtında verilib»",
+        "Metroda qatarların hərəkət qrafiki dəyişir",
+        "Şəkidə turist axını artıb",
+        "Kənd təsərrüfatına subsidiyalar artırılır",
+        "Beynəlxalq sərgi Bakıda açılıb",
+        "Qiymətlər niyə artır?",
+        "Təhsil naziri müəllimlərlə görüşüb",
+        "Lənkəranda çay mövsümü başlayıb",
+        "Yeni avtobus marşrutları açılıb",
+        "Səhiyyə nazirliyindən xəbərdarlıq",
+        "Futbol üzrə çempionatda növbəti tur",
+        "Mərkəzi Bankdan yeni qərar",
+        "Qəbələdə qar yağıb",
+        "Ekspert: «Bazar sabitləşəcək»",
+        "Universitetlərdə qəbul planı açıqlanıb",
+        "Azərbaycan nümayəndə heyəti Cenevrədə",
+        "Xaçmazda meyvə yığımı başlayıb",
+        "Tələbələr üçün yeni təqaüd proqramı",
+        "Hava haqqında: sabah yağış yağacaq?",
+        "Naxçıvanda yeni xəstəxana tikilir",
+        "Bakı limanında yük daşımaları artıb",
+    ]
+)
+# Prose whose lines end in closing quotes and guillemets after a full stop, with a question.
+DIALOGUE = "\n".join(
+    [
+        "— Sən hara gedirsən? — deyə qoca yolun kənarında dayanıb soruşdu.",
+        "— Şəhərə, bazara gedirəm, — oğlan cavab verdi.",
+        "Qoca başını buladı: «Yol uzundur, axşama qədər çatmazsan.»",
+        '"Eybi yoxdur," dedi oğlan, "səhər tezdən çıxmışam, tələsirəm."',
+        "Onlar bir müddət susdular. Sonra qoca dedi: «Allah amanında olsun.»",
+        "Oğlan gülümsədi, «Leyli və Məcnun» kitabını çantasına qoyub yoluna davam etdi.",
+    ]
+)
+
+
+def test_headline_lists_ending_in_quotes_question_marks_or_tags_are_dropped():
+    lines = HEADLINE_DAY.split("\n")
+    tagged = "\n".join(
+        [lines[0]] + [f"{h} ({'foto' if i % 2 else 'video'})" for i, h in enumerate(lines[1:])]
+    )
+    bracketed = "\n".join([lines[0]] + [f"{h.rstrip('?')} [FOTO]" for h in lines[1:]])
+    for text in (HEADLINE_DAY, tagged, bracketed):
+        assert verdict(text)[0] == "lines_without_punctuation", text[:60]
+    for text in (ARTICLE, POEM, LEGAL, DIALOGUE):
+        assert verdict(text)[0] is None, text[:40]
+
+
+def test_clean_drops_a_crawled_headline_list_and_keeps_the_article(tmp_path):
+    src = _jsonl(
+        tmp_path / "pages.jsonl",
+        [
+            {"url": "https://xeber.az/bashliqlar", "text": HEADLINE_DAY},
+            {"url": "https://xeber.az/baki", "text": ARTICLE},
+            {"url": "https://hekaye.az/yol", "text": DIALOGUE},
+        ],
+    )
+    out, rep = tmp_path / "clean.txt", tmp_path / "report.json"
+    assert main(["clean", str(src), "--out", str(out), "--report", str(rep)]) == 0
+    assert _docs(out) == [ARTICLE, DIALOGUE]
+    assert json.loads(rep.read_text())["dropped"]["quality:lines_without_punctuation"] == 1
