@@ -610,26 +610,39 @@ def _iter_mediawiki(p: Path, f, stats: Counter, raw: bool = False) -> Iterator[s
 
 
 # mwparserfromhell rescans the rest of the page for each unclosed paired tag (`<ref>` with no
-# `</ref>`) and, within a line, for each unclosed `[` (its open issue #364): measured on this
-# VM, 200 unclosed <ref> in a 600 KB page took 8.4 s, 2,000 unclosed `[http://` on one 20 KB
-# line 2.1 s, i.e. 5-7e-8 s per unit of `parse_cost`. A page over WIKI_PARSE_BUDGET (~1-1.5 s)
+# `</ref>`) and for each unclosed template with parameters (`{{name|` with no `}}`, also across
+# lines, also with `[[` nested in it), and within a line for each unclosed `[` (its open issue
+# #364). Measured on this VM: 200 unclosed <ref> in a 600 KB page took 8.4 s, 2,000 unclosed
+# `[http://` on one 20 KB line 2.1 s, i.e. 5-7e-8 s per unit of `parse_cost`; 16 KB of `{{a|`
+# (4,096 unclosed) 6.4 s and 16 KB of `{{a\n|b=c\n` 2.4 s, 0.5-1.2e-7 s per unclosed template
+# times the page's length, hence their weight of 2; a `{{` with no `|` after its name (`{{`,
+# `{{{`, `{{a\n{{a`) fails at once and costs nothing. A page over WIKI_PARSE_BUDGET (~1-1.5 s)
 # is skipped, counted and named in the report instead of holding clean for minutes.
 WIKI_PARSE_BUDGET = 20_000_000
 WIKI_NAMED = 20  # over-budget pages named in the report, at most
+TEMPLATE_WEIGHT = 2
 _PAIRED = (
     "ref|span|div|small|big|sup|sub|center|font|s|u|code|nowiki|poem|blockquote|math|gallery|"
     "syntaxhighlight|source|pre|noinclude|includeonly|onlyinclude|p|i|b|em|strong"
 )
 _OPEN_TAG = re.compile(rf"<({_PAIRED})\b[^<>]*(?<!/)>", re.I)
 _CLOSE_TAG = re.compile(rf"</({_PAIRED})\s*>", re.I)
+_PIPED_TEMPLATE = re.compile(r"\{\{[^{}|]*\|")  # `{{name|`, the name may span lines
 
 
 def parse_cost(wikitext: str) -> int:
     """An estimate of mwparserfromhell's work on a page, linear to compute: unclosed paired
-    tags times the page's length, plus per line its unclosed `[` times the line's length."""
+    tags, and TEMPLATE_WEIGHT times unclosed templates with parameters (more `{{` than `}}`,
+    at most as many as `{{name|`), times the page's length, plus per line its unclosed `[`
+    times the line's length."""
     unclosed = Counter(m.group(1).lower() for m in _OPEN_TAG.finditer(wikitext))
     unclosed.subtract(m.group(1).lower() for m in _CLOSE_TAG.finditer(wikitext))
-    cost = sum(max(0, n) for n in unclosed.values()) * len(wikitext)
+    opened = sum(max(0, n) for n in unclosed.values())
+    templates = wikitext.count("{{") - wikitext.count("}}")
+    if templates > 0:
+        templates = min(templates, sum(1 for _ in _PIPED_TEMPLATE.finditer(wikitext)))
+        opened += TEMPLATE_WEIGHT * templates
+    cost = opened * len(wikitext)
     for line in wikitext.split("\n"):
         extra = line.count("[") - line.count("]")
         if extra > 0:

@@ -327,3 +327,39 @@ def test_wiki_page_over_the_parse_budget_is_skipped_counted_and_named(capsys, tm
     assert inp["wiki_pages_over_parse_budget"] == 1
     assert inp["wiki_page_over_parse_budget: Tələ"] == 1
     assert "Tələ" in stdout
+
+
+def test_wiki_page_of_unclosed_templates_is_skipped_before_parsing(capsys, tmp_path):
+    """Unclosed `{{` make mwparserfromhell's time grow faster than the square of the page (20 KB
+    of `{{a|` took 11.5 s, 60 KB would take minutes): such a page, and one of unclosed `{{` with
+    `[[` nested over many lines, are skipped before parsing, counted and named; a page of many
+    closed templates is still converted."""
+    from azgpt.corpus import WIKI_PARSE_BUDGET, parse_cost
+
+    trap = "{{a|" * (60 * 1024 // 4)
+    mixed = "{{a|b=[[c\n" * (60 * 1024 // 10)
+    closed = "".join(
+        f"{{{{Şablon|a={i}|b=[[Bakı]]}}}} Bakı şəhəri haqqında {i}-ci cümlə.\n" for i in range(2000)
+    )
+    assert parse_cost(trap) > WIKI_PARSE_BUDGET and parse_cost(mixed) > WIKI_PARSE_BUDGET
+    assert parse_cost(closed) < WIKI_PARSE_BUDGET // 100
+    pages = [
+        page("Bakı", 0, BAKI),
+        page("Tələ", 0, trap),
+        page("Qarışıq", 0, mixed),
+        page("Şablonlar", 0, closed),
+        page("Gəncə", 0, GENCE),
+    ]
+    p = tmp_path / "azwiki-pages-articles.xml.bz2"
+    p.write_bytes(bz2.compress(dump(pages)))
+    out, rep = tmp_path / "o.txt", tmp_path / "r.json"
+    rc, stdout, err = run(capsys, ["clean", p, "--out", out, "--report", rep, "--workers", "1"])
+    assert rc == 0, err
+    docs = read_output_docs(out)
+    assert docs[0] == BAKI_TEXT and docs[-1] == GENCE_TEXT and len(docs) == 3
+    assert docs[1].startswith("Bakı şəhəri haqqında 0-ci cümlə.\nBakı şəhəri haqqında 1-ci")
+    inp = json.loads(rep.read_text())["input"]
+    assert inp["wiki_pages_over_parse_budget"] == 2
+    assert inp["wiki_page_over_parse_budget: Tələ"] == 1
+    assert inp["wiki_page_over_parse_budget: Qarışıq"] == 1
+    assert "Tələ" in stdout and "Qarışıq" in stdout
