@@ -469,6 +469,29 @@ def test_normalize_url():
     assert normalize_url("javascript:void(0)") is None
 
 
+def test_a_malformed_port_is_a_bad_url_at_once(tmp_path, capsys):
+    from azgpt.crawl import Crawler
+
+    for url in ("http://127.0.0.1:99999/", "http://127.0.0.1:80x/", "http://[::1]:65536/a"):
+        assert normalize_url(url) is None, url  # a link to it is dropped
+    assert normalize_url("http://127.0.0.1:65535/") == "http://127.0.0.1:65535/"
+    seeds = tmp_path / "seeds.txt"
+    seeds.write_text("http://127.0.0.1:1/\nhttp://127.0.0.1:99999/\n", encoding="utf-8")
+    assert main(["crawl", str(seeds), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "seeds.txt line 2" in err and len(err.splitlines()) == 1
+    # One already queued (a state from an older azgpt) is counted as bad_url, not taken for an
+    # unreachable robots.txt and asked again with backoff.
+    crawler = Crawler(tmp_path / "state", CrawlOptions(progress=False, allow_private=True))
+    try:
+        crawler.add_seeds(["http://127.0.0.1:99999/"])
+        crawler.step(*crawler.next_url())
+        report = crawler.report()
+    finally:
+        crawler.close()
+    assert report.errors == {"bad_url": 1} and not report.retried and report.queued == 0
+
+
 def test_bad_input_one_sentence(tmp_path, capsys):
     def err(argv, *mentions):
         assert main([str(a) for a in argv]) == 2

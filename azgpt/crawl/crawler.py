@@ -380,7 +380,7 @@ class Crawler:
                     url, ROBOTS_MAX_BYTES, robots=True, may_defer=hop == 0 and self.requests == 0
                 )
             except FetchError as e:
-                if e.kind == "private_address":
+                if e.kind in ("private_address", "bad_url"):
                     raise
                 return 0, b""
             if resp.status not in (301, 302, 303, 307, 308):

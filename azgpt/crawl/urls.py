@@ -10,15 +10,18 @@ from ..errors import UserError
 
 def normalize_url(url: str, base: str | None = None) -> str | None:
     """Absolute http(s) URL with lower-case scheme and host, no default port, sorted query without
-    tracking parameters, no fragment; None for anything else (mailto:, javascript:, garbage)."""
+    tracking parameters, no fragment; None for anything else (mailto:, javascript:, garbage, a
+    port that is not a number from 0 to 65535)."""
     from courlan import normalize_url as courlan_normalize
 
     try:
         if base is not None:
             url = urljoin(base, url.strip())
         url = urldefrag(url.strip())[0]
-        if urlsplit(url).scheme.lower() not in ("http", "https") or not urlsplit(url).hostname:
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
             return None
+        _ = parts.port  # ValueError for a port out of range or not a number
         return urldefrag(courlan_normalize(url))[0]
     except ValueError:
         return None
@@ -49,7 +52,9 @@ def read_seeds(path: str | Path) -> list[str]:
             continue
         u = normalize_url(s)
         if u is None:
-            raise UserError(f"{p} line {i}: {s!r} is not an http(s) URL; fix or remove that line.")
+            raise UserError(
+                f"{p} line {i}: {s!r} is not a valid http(s) URL; fix or remove that line."
+            )
         if u not in seeds:
             seeds.append(u)
     if not seeds:
