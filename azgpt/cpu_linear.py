@@ -5,7 +5,7 @@ that BLAS takes a slow path (measured on a 2-core AMD EPYC VM: a (1, 768) x (768
 product streamed 10 GB/s, a batch of 8 rows reached 18 GFLOP/s), oneDNN, which PyTorch also
 ships, runs the same products 2x (one row) to 5x (8 rows) faster once the weight is reordered
 into its blocked layout. One row at a time (a lone stream decoding) is bound by how fast the
-weights stream from memory: there a reduction kernel that torch.compile (inductor) generates
+weights stream from memory: there a reduction kernel that torch's inductor compiler generates
 for each weight shape streamed 35 GB/s where oneDNN reached 20 (bench/generate.py,
 docs/results.md).
 
