@@ -236,7 +236,7 @@ def run_clean(
         if pool is not None:
             pool.shutdown(cancel_futures=True)
         if spool is not None:
-            spool.__exit__()
+            spool.remove()
     report.seconds = time.perf_counter() - t0
     return report
 

@@ -47,4 +47,7 @@ class Spool:
         return self.path
 
     def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

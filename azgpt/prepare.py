@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 import tempfile
 import time
@@ -34,6 +33,7 @@ from .fsutil import (
     remove_if_left_empty,
     sha256_file,
 )
+from .poolio import Spool, call_spooled, unspool
 from .tokenizer import (
     PIECE_CHARS,
     eot_id,
@@ -147,30 +147,6 @@ def _encode_batch(
     return cat[False], cat[True], ended[False], ended[True], train_items
 
 
-def _encode_batch_spooled(job_spool: tuple) -> tuple:
-    """`_encode_batch` in a pool worker: the token bytes go to a file in the spool folder and
-    only a small tuple travels back through the pipe. A message under PIPE_BUF (4 KB) is
-    written whole or not at all, so a worker killed mid-reply (the out-of-memory killer) can
-    never leave half a message that the pool's reader waits on forever (that hung prepare)."""
-    job, spool = job_spool
-    tr, va, ntr, nva, items = _encode_batch(job)
-    fd, path = tempfile.mkstemp(suffix=".bin", dir=spool)
-    with os.fdopen(fd, "wb") as f:
-        f.write(tr)
-        f.write(va)
-        f.write(np.asarray(items, dtype=np.int64).reshape(-1, 2).tobytes())
-    return path, len(tr), len(va), ntr, nva
-
-
-def _unspool(res: tuple) -> tuple:
-    path, ltr, lva, ntr, nva = res
-    p = Path(path)
-    data = p.read_bytes()
-    p.unlink()
-    items = np.frombuffer(data[ltr + lva :], dtype=np.int64).reshape(-1, 2)
-    return data[:ltr], data[ltr : ltr + lva], ntr, nva, [(int(n), bool(e)) for n, e in items]
-
-
 GROUP_CHARS = 1 << 20  # characters per encoder call: bounds memory whatever the documents' sizes
 
 
@@ -240,19 +216,6 @@ def remove_stale_temps(out_dir: Path) -> None:
             except PermissionError:
                 continue  # alive, another user's
         p.unlink(missing_ok=True)
-    for d in out_dir.glob(".spool.*"):  # the pool's reply files (_encode_batch_spooled)
-        parts = d.name.split(".")
-        pid = int(parts[2]) if len(parts) > 3 and parts[2].isdigit() else None
-        if pid is None or pid == os.getpid() or not d.is_dir() or d.is_symlink():
-            continue
-        try:
-            os.kill(pid, 0)
-            continue  # alive
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @dataclass
@@ -360,16 +323,11 @@ def run_prepare(
                     initializer=_init_worker,
                     initargs=(str(tok_path), backend),
                 )
-                spool = tempfile.mkdtemp(prefix=f".spool.{os.getpid()}.", dir=out_dir)
-                results = map(
-                    _unspool,
-                    ordered_map(
-                        _encode_batch_spooled,
-                        ((j, spool) for j in jobs()),
-                        pool,
-                        window=2 * workers,
-                    ),
-                )
+                # Replies through files (azgpt.poolio): a worker killed mid-reply cannot leave
+                # half a message for the pool to wait on forever.
+                spool = Spool("azgpt-prepare-")
+                tasks = ((_encode_batch, j, spool.path) for j in jobs())
+                results = map(unspool, ordered_map(call_spooled, tasks, pool, window=2 * workers))
             else:
                 pool = None
                 _init_worker(str(tok_path), backend, tok)
@@ -400,7 +358,7 @@ def run_prepare(
                 if pool is not None:
                     pool.shutdown(cancel_futures=True)
                 if spool is not None:
-                    shutil.rmtree(spool, ignore_errors=True)
+                    spool.remove()
             for p, was in sizes.items():
                 if (p.stat().st_size, p.stat().st_mtime_ns) != was:
                     raise UserError(

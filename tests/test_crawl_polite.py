@@ -617,16 +617,19 @@ def test_pages_in_cp1251_or_declared_latin1_are_written_with_the_right_letters(t
         assert "detected" in recs[path]["encoding"], path
 
 
+# A news site's front page: headlines and the sections they belong to.
+HEADLINES = [
+    ("Prezident Bakıda yeni məktəbin açılışında iştirak edib", "Təhsil"),
+    ("Xəzər dənizində güclü külək gözlənilir", "Hava"),
+    ("Gəncədə kitab sərgisi keçiriləcək", "Mədəniyyət"),
+    ("Milli komanda növbəti oyuna hazırlaşır", "İdman"),
+    ("Neftin qiyməti yenidən bahalaşıb", "İqtisadiyyat"),
+    ("Şəkidə turistlərin sayı artıb", "Turizm"),
+]
+
+
 def test_hub_pages_of_links_are_skipped(tmp_path):
-    headlines = [
-        "Prezident Bakıda yeni məktəbin açılışında iştirak edib",
-        "Xəzər dənizində güclü külək gözlənilir",
-        "Gəncədə kitab sərgisi keçiriləcək",
-        "Milli komanda növbəti oyuna hazırlaşır",
-        "Neftin qiyməti yenidən bahalaşıb",
-        "Şəkidə turistlərin sayı artıb",
-    ]
-    items = "".join(f'<li><a href="/n{i}">{h}</a></li>' for i, h in enumerate(headlines))
+    items = "".join(f'<li><a href="/n{i}">{h}</a></li>' for i, (h, _) in enumerate(HEADLINES))
     hub = (
         '<html lang="az"><head><meta charset="utf-8"><title>Xəbərlər</title></head><body>'
         f"<main><h1>Son xəbərlər</h1><ul>{items}</ul></main></body></html>"
@@ -662,14 +665,7 @@ def test_a_crawled_hub_page_does_not_survive_clean(tmp_path, capsys):
     in the corpus, no line of the front page is."""
     from azgpt.cli import main
 
-    heads = [
-        ("Prezident Bakıda yeni məktəbin açılışında iştirak edib", "Təhsil"),
-        ("Xəzər dənizində güclü külək gözlənilir", "Hava"),
-        ("Gəncədə kitab sərgisi keçiriləcək", "Mədəniyyət"),
-        ("Milli komanda növbəti oyuna hazırlaşır", "İdman"),
-        ("Neftin qiyməti yenidən bahalaşıb", "İqtisadiyyat"),
-        ("Şəkidə turistlərin sayı artıb", "Turizm"),
-    ]
+    heads = HEADLINES
     menu = "".join(f'<li><a href="/bolme/{i}">{c}</a></li>' for i, (_, c) in enumerate(heads))
     items = "".join(
         f'<div class="item"><h3><a href="/n{i}">{h}</a></h3><span>{10 + i}:30</span>'

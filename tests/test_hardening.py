@@ -550,6 +550,19 @@ def test_a_panic_inside_the_tokenizers_library_is_one_sentence(data, tmp_path, m
     assert "Traceback" not in err
 
 
+def _pool_workers(pid: int) -> list[int]:
+    """PIDs of the spawned pool workers whose parent is `pid`."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and f"PPid:\t{pid}\n" in (d / "status").read_text():
+                if b"spawn_main" in (d / "cmdline").read_bytes():
+                    found.append(int(d.name))
+        except OSError:
+            continue
+    return found
+
+
 def test_a_prepare_workers_reply_fits_one_atomic_pipe_write(data, tmp_path):
     """A pool worker's reply is a few numbers and a file name, far under PIPE_BUF (4,096
     bytes), so the kernel writes it whole or not at all: a worker killed while replying cannot
@@ -558,6 +571,7 @@ def test_a_prepare_workers_reply_fits_one_atomic_pipe_write(data, tmp_path):
     import pickle
 
     import azgpt.prepare as P
+    from azgpt.poolio import call_spooled, unspool
 
     tok_dir, _ = data
     text = "\n".join(p.read_text(encoding="utf-8") for p in sorted(SAMPLE.glob("*.txt")))
@@ -565,9 +579,9 @@ def test_a_prepare_workers_reply_fits_one_atomic_pipe_write(data, tmp_path):
     job = (list(range(40)), docs, [False] * 40, 0, 0.1)
     P._init_worker(str(tok_dir), "tokenizers")
     want = P._encode_batch(job)
-    reply = P._encode_batch_spooled((job, str(tmp_path)))
+    reply = call_spooled((P._encode_batch, job, str(tmp_path)))
     assert len(pickle.dumps(reply)) < 512 < len(want[0])
-    assert P._unspool(reply) == want and not list(tmp_path.iterdir())
+    assert unspool(reply) == want and not list(tmp_path.iterdir())
 
 
 def test_a_prepare_worker_killed_mid_run_is_one_sentence(data, tmp_path):
@@ -589,28 +603,17 @@ def test_a_prepare_worker_killed_mid_run_is_one_sentence(data, tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
-    def workers() -> list[int]:
-        found = []
-        for d in Path("/proc").iterdir():
-            try:
-                if d.name.isdigit() and f"PPid:\t{p.pid}\n" in (d / "status").read_text():
-                    if b"spawn_main" in (d / "cmdline").read_bytes():
-                        found.append(int(d.name))
-            except OSError:
-                continue
-        return found
-
     def started() -> bool:  # both workers up and token data written: the pool is at work
         try:
             tmp = list(out.glob(".train.npy.*.tmp")) if out.is_dir() else []
-            return len(workers()) == 2 and any(t.stat().st_size > 1 << 16 for t in tmp)
+            return len(_pool_workers(p.pid)) == 2 and any(t.stat().st_size > 1 << 16 for t in tmp)
         except OSError:
             return False
 
     deadline = time.monotonic() + 120
     while not started() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    victims = workers()
+    victims = _pool_workers(p.pid)
     assert victims, "no worker process appeared"
     os.kill(victims[0], signal.SIGKILL)
     _, err = p.communicate(timeout=300)
@@ -679,22 +682,11 @@ def test_a_clean_worker_killed_mid_run_is_one_sentence(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
-    def workers() -> list[int]:
-        found = []
-        for d in Path("/proc").iterdir():
-            try:
-                if d.name.isdigit() and f"PPid:\t{p.pid}\n" in (d / "status").read_text():
-                    if b"spawn_main" in (d / "cmdline").read_bytes():
-                        found.append(int(d.name))
-            except OSError:
-                continue
-        return found
-
     deadline = time.monotonic() + 120
-    while len(workers()) < 2 and p.poll() is None and time.monotonic() < deadline:
+    while len(_pool_workers(p.pid)) < 2 and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(1.0)  # the pool has batches in flight
-    victims = workers()
+    victims = _pool_workers(p.pid)
     assert victims, "no worker process appeared"
     os.kill(victims[0], signal.SIGKILL)
     _, err = p.communicate(timeout=300)
