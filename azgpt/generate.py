@@ -510,7 +510,8 @@ class Decoder:
         self.stats["steps"] += 1
         self.stats["max_rows"] = max(self.stats["max_rows"], d)
         self._accept_all(rows, self._sample(logits, rows))  # sampling syncs with the device
-        self._measure("decode_ms", (time.perf_counter() - t0) * 1e3)
+        ms = (time.perf_counter() - t0) * 1e3
+        self.decode_ms = ms if self.decode_ms is None else 0.7 * self.decode_ms + 0.3 * ms
         return d
 
     def _prefill(self) -> int:
@@ -593,10 +594,6 @@ class Decoder:
         room = self.stall_ms - self.decode_ms - self.prefill_fixed_ms
         n = int(room / max(self.prefill_ms_per_token, 1e-6))
         return max(MIN_PREFILL_CHUNK, min(MAX_PREFILL_CHUNK, n))
-
-    def _measure(self, name: str, value: float) -> None:
-        old = getattr(self, name)
-        setattr(self, name, value if old is None else 0.7 * old + 0.3 * value)
 
     def _sample(self, logits: torch.Tensor, rows: list[Row]) -> list[int]:
         return sample(
