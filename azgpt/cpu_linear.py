@@ -78,6 +78,18 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if torch.compiler.is_compiling():
+            # Traced into a whole compiled step (azgpt.decode_graph): the one-row product as
+            # the reduction the compiled kernel is, so the compiler emits it in the step.
+            if self.weight_rows is not None and x2.shape[0] == 1:
+                y = _gemv(x2, self.weight_rows)
+                if self.bias is not None:
+                    y = y + self.bias
+            else:
+                y = torch.ops.mkldnn._linear_pointwise(
+                    x2.contiguous(), self.packed, self.bias, "none", [], ""
+                )
+            return y.view(*lead, self.out_features)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         if self.gemv is not None and x2.shape[0] == 1 and x2.dtype == self.dtype:

@@ -306,13 +306,20 @@ def cast_model(model, name: str, device: torch.device):
     """The model in `--dtype`, for generation only (a new module for int8; the same one cast
     otherwise). On a CPU its fp32/bf16 Linears are laid out for oneDNN (`azgpt.cpu_linear`:
     2-5x faster products than the default BLAS on some CPUs); `model.linear_backend` says
-    which kernels its Linears run."""
+    which kernels its Linears run. Where those include the compiled one-row kernel (models
+    over `cpu_linear.GEMV_MIN_BYTES`), a lone stream's whole decoding step is compiled too
+    (`azgpt.decode_graph`): `model.decode_graph`, None where it is not."""
     dtype = pick_dtype(name, device)
+    model.decode_graph = None
     if dtype != "int8":
         from .cpu_linear import pack_linears
 
         model = model.to(dtype).eval()
         model.linear_backend = pack_linears(model) if device.type == "cpu" else "torch"
+        if model.linear_backend == "onednn+gemv":
+            from .decode_graph import compile_step
+
+            model.decode_graph = compile_step(model)
         return model
     import warnings
 
@@ -423,6 +430,7 @@ class Decoder:
         self.prefill_fixed_ms = 0.0
         self._prefill_samples: deque[tuple[int, float]] = deque(maxlen=32)
         self.model = model.eval()
+        self.graph = getattr(model, "decode_graph", None)  # see cast_model
         self.config = model.config
         self.ctx = check_ctx(model.config, ctx)
         self.device = model.transformer.wte.weight.device
@@ -502,9 +510,13 @@ class Decoder:
             return 0
         rows = self.rows[:d]
         t0 = time.perf_counter()
-        x = torch.tensor([[s.seq[-1]] for s in rows], device=self.device)  # (d, 1)
-        view = self.cache.view(0, d, max(s.fed for s in rows) + 1)
-        logits = self.model(x, cache=view, last_only=True)[:, -1]
+        graph = self.graph
+        if d == 1 and graph is not None and graph.fits(self.cache, 0):
+            logits = graph(self.cache, 0, rows[0].seq[-1])  # a lone stream: one compiled step
+        else:
+            x = torch.tensor([[s.seq[-1]] for s in rows], device=self.device)  # (d, 1)
+            view = self.cache.view(0, d, max(s.fed for s in rows) + 1)
+            logits = self.model(x, cache=view, last_only=True)[:, -1]
         for s in rows:
             s.fed += 1
         self.stats["steps"] += 1

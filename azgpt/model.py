@@ -51,9 +51,12 @@ class KVCache:
     ):
         self.max_len = max_len or cfg.block_size
         hs = cfg.n_embd // cfg.n_head
-        shape = (batch, cfg.kv_heads, self.max_len, hs)  # llama's grouped-query heads share
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        # One tensor (B, n_layer, 2, kv_heads, max_len, hs): keys [:, i, 0], values [:, i, 1]
+        # (llama's grouped-query heads share), so moving a row or storing one decoding step's
+        # keys and values of every layer is one copy.
+        self.kv = torch.zeros(
+            (batch, cfg.n_layer, 2, cfg.kv_heads, self.max_len, hs), device=device, dtype=dtype
+        )
         self.lengths = torch.zeros(batch, dtype=torch.long)  # host memory, see above
         self._step: tuple | None = None
 
@@ -63,6 +66,15 @@ class KVCache:
         hs = cfg.n_embd // cfg.n_head
         per = batch * cfg.kv_heads * max_len * hs * torch.empty(0, dtype=dtype).element_size()
         return 2 * cfg.n_layer * per
+
+    @property
+    def k(self) -> list[torch.Tensor]:
+        """Each layer's keys (B, kv_heads, max_len, hs), views of `kv`."""
+        return list(self.kv[:, :, 0].unbind(1))
+
+    @property
+    def v(self) -> list[torch.Tensor]:
+        return list(self.kv[:, :, 1].unbind(1))
 
     @property
     def batch(self) -> int:
@@ -75,8 +87,7 @@ class KVCache:
         decoding step."""
         out = KVCache.__new__(KVCache)
         out.max_len = upto
-        out.k = [t[start : start + n, :, :upto] for t in self.k]
-        out.v = [t[start : start + n, :, :upto] for t in self.v]
+        out.kv = self.kv[start : start + n, :, :, :, :upto]
         out.lengths = self.lengths[start : start + n]
         out._step = None
         return out
@@ -91,9 +102,7 @@ class KVCache:
     def copy_row(self, src: KVCache, src_row: int, dst_row: int) -> None:
         """Put row `src_row` of another cache (e.g. a prompt prefilled alone) into `dst_row`."""
         n = int(src.lengths[src_row])
-        for i in range(len(self.k)):
-            self.k[i][dst_row, :, :n] = src.k[i][src_row, :, :n]
-            self.v[i][dst_row, :, :n] = src.v[i][src_row, :, :n]
+        self.kv[dst_row, :, :, :, :n] = src.kv[src_row, :, :, :, :n]
         self.lengths[dst_row] = n
 
     def swap_rows(self, a: int, b: int) -> None:
@@ -101,17 +110,22 @@ class KVCache:
         if a == b:
             return
         la, lb = int(self.lengths[a]), int(self.lengths[b])
-        for t in self.k + self.v:
-            tmp = t[a, :, :la].clone()
-            t[a, :, :lb] = t[b, :, :lb]
-            t[b, :, :la] = tmp
+        kv = self.kv
+        tmp = kv[a, :, :, :, :la].clone()
+        kv[a, :, :, :, :lb] = kv[b, :, :, :, :lb]
+        kv[b, :, :, :, :la] = tmp
         self.lengths[a], self.lengths[b] = lb, la
 
-    def begin(self, T: int, device) -> torch.Tensor:
+    def begin(self, T: int, device, limit: int | None = None) -> torch.Tensor:
         """Prepare a forward of T new tokens per row: returns their positions (B, T) on
         `device` and keeps them with the boolean attention mask (B, 1, T, max_len) of what
-        each new query may see (its own row, causal) for every layer's `write`."""
+        each new query may see (its own row, causal) for every layer's `write`. `limit`: the
+        model's context, which no position may reach."""
         top = int(self.lengths.max()) + T if self.batch else T
+        if limit is not None and top > limit:
+            raise ValueError(
+                f"sequence of {top} tokens is longer than the model's context {limit}"
+            )
         if top > self.max_len:
             raise ValueError(f"KV cache of {self.max_len} positions is full")
         pos = (self.lengths[:, None] + torch.arange(T)).to(device)  # (B, T), built on the host
@@ -125,10 +139,19 @@ class KVCache:
         """Store this step's (B, nh, T, hs) keys/values; return the full cache of the layer and
         the mask `begin` built."""
         pos, rows, mask = self._step
-        # Advanced indices on dims 0 and 2 put (B, T) first: (B, T, nh, hs).
-        self.k[layer][rows, :, pos] = k.transpose(1, 2)
-        self.v[layer][rows, :, pos] = v.transpose(1, 2)
-        return self.k[layer], self.v[layer], mask
+        # Advanced indices on dims 0 and 4 put (B, T) first: (B, T, nh, hs). Views are taken
+        # afresh from `kv` (a test's forward with autograd on writes into it).
+        self.kv[rows, layer, 0, :, pos] = k.transpose(1, 2)
+        self.kv[rows, layer, 1, :, pos] = v.transpose(1, 2)
+        return self.kv[:, layer, 0], self.kv[:, layer, 1], mask
+
+    def attend(self, layer: int, q, k, v, gqa: dict) -> torch.Tensor:
+        """Attention of this step's queries q (B, nh, T, hs) over the row's cached positions
+        and the new keys/values k, v (stored first)."""
+        k, v, mask = self.write(layer, k.to(self.kv.dtype), v.to(self.kv.dtype))
+        return F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, **gqa
+        )
 
     def advance(self, n) -> None:
         """Add n (an int, or a (B,) host tensor of per-row counts) to the rows' lengths."""
@@ -227,11 +250,9 @@ class CausalSelfAttention(nn.Module):
                 **gqa,
             )
         else:
-            # Generation: attend to this row's cached positions and the new ones.
-            k, v, mask = cache.write(layer, k.to(cache.k[layer].dtype), v.to(cache.v[layer].dtype))
-            y = F.scaled_dot_product_attention(
-                q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, **gqa
-            )
+            # Generation: attend to this row's cached positions and the new ones (the cache
+            # knows how: KVCache, or azgpt.decode_graph's one-row step).
+            y = cache.attend(layer, q, k, v, gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -358,13 +379,8 @@ class GPT(nn.Module):
             if segments is not None:
                 pos, mask = packed_positions(segments)
         else:
-            top = int(cache.lengths.max()) + T  # host arithmetic: lengths live on the host
-            if top > self.config.block_size:
-                raise ValueError(
-                    f"sequence of {top} tokens is longer than the model's context "
-                    f"{self.config.block_size}"
-                )
-            pos = cache.begin(T, idx.device)  # (B, T); the mask is built here once per step
+            # (B, T), from the lengths on the host; the mask is built here once per step.
+            pos = cache.begin(T, idx.device, self.config.block_size)
         rope = None
         if self.llama:  # positions enter as rotations of queries and keys, per row with a cache
             c = self.config
