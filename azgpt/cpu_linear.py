@@ -45,6 +45,20 @@ def _gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (x[:, None, :] * w[None]).sum(-1)
 
 
+@torch.library.custom_op("azgpt::onednn_linear", mutates_args=())
+def onednn_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    """oneDNN's product with a reordered weight, as an operator a compiled graph calls as it is
+    (inductor lowers oneDNN's own op only for weights it reordered itself)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x, packed, bias, out_features):
+    return x.new_empty((x.shape[0], out_features))
+
+
 def _compiled_gemv(k: int, n: int, dtype: torch.dtype):
     """A one-row product compiled by inductor for one weight shape, called without
     torch.compile's guards (about 20 us per call less; 49 calls per token for the 110M
@@ -86,9 +100,7 @@ class PackedLinear(nn.Module):
                 if self.bias is not None:
                     y = y + self.bias
             else:
-                y = torch.ops.mkldnn._linear_pointwise(
-                    x2.contiguous(), self.packed, self.bias, "none", [], ""
-                )
+                y = onednn_linear(x2.contiguous(), self.packed, self.bias, self.out_features)
             return y.view(*lead, self.out_features)
         if not x2.is_contiguous():
             x2 = x2.contiguous()

@@ -39,6 +39,7 @@ import codecs
 import logging
 import math
 import secrets
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -302,13 +303,14 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype | str:
     return DTYPES[name]
 
 
-def cast_model(model, name: str, device: torch.device):
+def cast_model(model, name: str, device: torch.device, max_batch: int = 1):
     """The model in `--dtype`, for generation only (a new module for int8; the same one cast
     otherwise). On a CPU its fp32/bf16 Linears are laid out for oneDNN (`azgpt.cpu_linear`:
     2-5x faster products than the default BLAS on some CPUs); `model.linear_backend` says
     which kernels its Linears run. Where those include the compiled one-row kernel (models
-    over `cpu_linear.GEMV_MIN_BYTES`), a lone stream's whole decoding step is compiled too
-    (`azgpt.decode_graph`): `model.decode_graph`, None where it is not."""
+    over `cpu_linear.GEMV_MIN_BYTES`), the whole decoding step is compiled too
+    (`azgpt.decode_graph`; for batches as well when `max_batch` > 1): `model.decode_graph`,
+    None where it is not."""
     dtype = pick_dtype(name, device)
     model.decode_graph = None
     if dtype != "int8":
@@ -319,7 +321,13 @@ def cast_model(model, name: str, device: torch.device):
         if model.linear_backend == "onednn+gemv":
             from .decode_graph import compile_step
 
-            model.decode_graph = compile_step(model)
+            print(
+                "azgpt: compiling the decoding step for this CPU (a minute or two the first "
+                "time; torch keeps it on disk for the next start)",
+                file=sys.stderr,
+                flush=True,
+            )
+            model.decode_graph = compile_step(model, batch=max_batch > 1)
         return model
     import warnings
 
@@ -511,8 +519,8 @@ class Decoder:
         rows = self.rows[:d]
         t0 = time.perf_counter()
         graph = self.graph
-        if d == 1 and graph is not None and graph.fits(self.cache, 0):
-            logits = graph(self.cache, 0, rows[0].seq[-1])  # a lone stream: one compiled step
+        if graph is not None and (d == 1 or graph.batch) and graph.fits(self.cache, d):
+            logits = graph(self.cache, [s.seq[-1] for s in rows])  # one compiled step
         else:
             x = torch.tensor([[s.seq[-1]] for s in rows], device=self.device)  # (d, 1)
             view = self.cache.view(0, d, max(s.fed for s in rows) + 1)

@@ -123,9 +123,7 @@ class KVCache:
         model's context, which no position may reach."""
         top = int(self.lengths.max()) + T if self.batch else T
         if limit is not None and top > limit:
-            raise ValueError(
-                f"sequence of {top} tokens is longer than the model's context {limit}"
-            )
+            raise ValueError(f"sequence of {top} tokens is longer than the model's context {limit}")
         if top > self.max_len:
             raise ValueError(f"KV cache of {self.max_len} positions is full")
         pos = (self.lengths[:, None] + torch.arange(T)).to(device)  # (B, T), built on the host

@@ -51,34 +51,43 @@ def compiled(request, tok):
     model = copy.deepcopy(ref)
     assert CL.pack_linears(model, gemv=True) == "onednn+gemv"
     before = counters["stats"]["unique_graphs"]
-    model.decode_graph = DG.compile_step(model)
-    assert model.decode_graph is not None
+    model.decode_graph = DG.compile_step(model, batch=True)
+    assert model.decode_graph is not None and model.decode_graph.batch
     return ref, model, counters["stats"]["unique_graphs"] - before
 
 
 def test_the_compiled_step_computes_the_eager_models_logits(compiled):
-    """Step by step from a prefilled prompt, in a cache of another size than the compile's:
-    the compiled step's logits are the plain model's within rounding, the cache rows it writes
-    hold the same keys and values, and one graph serves every length (nothing recompiles)."""
+    """Step by step from prefilled prompts, in a cache of another size than the compile's: a
+    lone row, then three rows holding different lengths (the shorter rows' unfilled positions
+    must get no weight). The compiled step's logits are the plain model's within rounding, the
+    rows it writes hold the same keys and values, and nothing recompiles: two graphs in all,
+    one row and 2 rows or more, each serving every length."""
     ref, model, made = compiled
-    assert made == 1
+    assert made == 2
     graphs = counters["stats"]["unique_graphs"]
     graph = model.decode_graph
-    calls = graph.calls
-    prompt = torch.randint(0, ref.config.vocab_size, (1, 5))
-    want = KVCache(ref.config, 1, 64)
-    got = KVCache(ref.config, 3, 40)  # three rows: the step decodes row 1 (allocated, as the
-    with torch.inference_mode():  # Decoder allocates its cache, outside inference mode)
-        a = ref(prompt, cache=want, last_only=True)[:, -1]
-        model(prompt, cache=got.view(1, 1, 40), last_only=True)
-        for _ in range(30):
-            t = int(a.argmax())
-            a = ref(torch.tensor([[t]]), cache=want, last_only=True)[:, -1]
-            b = graph(got, 1, t)
-            assert (a - b).abs().max().item() < 1e-4
-    assert graph.calls - calls == 30 and int(got.lengths[1]) == 35 == int(want.lengths[0])
-    assert (got.kv[1, ..., :35, :] - want.kv[0, ..., :35, :]).abs().max().item() < 1e-4
-    assert not got.kv[0].any() and not got.kv[2].any()  # other rows untouched
+    lens = [5, 2, 9]
+    prompts = [torch.randint(0, ref.config.vocab_size, (1, n)) for n in lens]
+    wants = [KVCache(ref.config, 1, 64) for _ in lens]
+    got = KVCache(ref.config, 4, 40)  # allocated, as the Decoder allocates its cache, outside
+    with torch.inference_mode():  # inference mode; the 4th row stays empty
+        a = [ref(x, cache=w, last_only=True)[:, -1] for x, w in zip(prompts, wants)]
+        for r, x in enumerate(prompts):
+            model(x, cache=got.view(r, 1, 40), last_only=True)
+        calls, rows = graph.calls, graph.rows
+        for step in range(25):
+            n = 1 if step < 10 else 3
+            toks = [int(x.argmax()) for x in a[:n]]
+            b = graph(got, toks)
+            for r in range(n):
+                a[r] = ref(torch.tensor([[toks[r]]]), cache=wants[r], last_only=True)[:, -1]
+                assert (a[r] - b[r]).abs().max().item() < 1e-4
+    assert graph.calls - calls == 25 and graph.rows - rows == 10 + 15 * 3
+    assert got.lengths.tolist() == [30, 17, 24, 0]
+    for r, w in enumerate(wants):
+        n = int(w.lengths[0])
+        assert (got.kv[r, ..., :n, :] - w.kv[0, ..., :n, :]).abs().max().item() < 1e-4
+    assert not got.kv[3].any()
     assert counters["stats"]["unique_graphs"] == graphs
 
 
@@ -95,20 +104,37 @@ def test_a_lone_stream_decodes_with_the_compiled_step_and_a_batch_eagerly(compil
     assert graph.calls - calls == 19  # the first token comes from the prompt's prefill
     assert text == "".join(stream_text(ref, tok, ids, p))
 
-    dec = Decoder(model, tok, max_batch=2, ctx=64)
-    for n in (6, 30):  # one stops early: the other then decodes alone
-        dec.add(Row(ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), print))
-    calls = graph.calls
-    while dec.rows:
-        dec.step()
-    alone = sum(1 for decoded, _ in dec.trace if decoded == 1)
-    assert any(decoded == 2 for decoded, _ in dec.trace) and alone >= 20
-    assert graph.calls - calls == alone
+    # Two streams: every step is the compiled one, two rows while both run, then one; the
+    # tokens are the eager decoder's.
+    def decode(graph_on: bool) -> tuple[list, list]:
+        dec = Decoder(model, tok, max_batch=2, ctx=64)
+        if not graph_on:
+            dec.graph = None
+        done = []
+        for n in (6, 30):  # one stops early: the other then decodes alone
+            greedy = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+            dec.add(
+                Row(
+                    ids,
+                    greedy,
+                    lambda ev: done.append(ev.context) if hasattr(ev, "context") else None,
+                )
+            )
+        while dec.rows:
+            dec.step()
+        return done, dec.trace
+
+    calls, rows = graph.calls, graph.rows
+    got, trace = decode(True)
+    assert got == decode(False)[0]
+    steps = [d for d, _ in trace if d]
+    assert 2 in steps and 1 in steps
+    assert graph.calls - calls == len(steps) and graph.rows - rows == sum(steps)
 
 
 def test_cast_model_compiles_the_step_where_the_one_row_kernel_is_used(tok, monkeypatch):
     made = []
-    monkeypatch.setattr(DG, "compile_step", lambda m: made.append(m) or "graph")
+    monkeypatch.setattr(DG, "compile_step", lambda m, batch: made.append((m, batch)) or "graph")
     model = small(tok.get_vocab_size())
     total = sum(p.numel() * 4 for n, p in model.named_parameters() if "wpe" not in n)
     monkeypatch.setattr(CL, "GEMV_MIN_BYTES", 1 << 40)
@@ -118,7 +144,8 @@ def test_cast_model_compiles_the_step_where_the_one_row_kernel_is_used(tok, monk
     monkeypatch.setattr(CL, "_compile_all", lambda mods: True)
     big = cast_model(copy.deepcopy(model), "float32", torch.device("cpu"))
     assert big.linear_backend == "onednn+gemv" and big.decode_graph == "graph"
-    assert made == [big]
+    served = cast_model(copy.deepcopy(model), "float32", torch.device("cpu"), max_batch=8)
+    assert made == [(big, False), (served, True)]  # `azgpt serve` compiles batches too
     assert cast_model(copy.deepcopy(model), "int8", torch.device("cpu")).decode_graph is None
 
 

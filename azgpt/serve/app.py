@@ -212,7 +212,7 @@ def serve(
     try:
         dev = pick_device(device)
         model, meta = load_model(ckpt, dev)
-        model = cast_model(model, dtype, dev)
+        model = cast_model(model, dtype, dev, max_batch)
         tok, _, _ = checkpoint_tokenizer(ckpt, meta, tokenizer)
         engine = Engine(
             model, tok, max_batch=max_batch, max_queue=max_queue, ctx=ctx,
