@@ -172,6 +172,39 @@ def test_a_cancelled_request_frees_its_slot_at_once(loaded):
     assert eng.status()["active"] == 0
 
 
+def test_serve_builds_the_model_and_steps_on_one_thread(ckpt, monkeypatch):
+    """`azgpt serve` loads the model, casts it and allocates the cache on the thread that then
+    runs every decoding step (a second thread running torch's CPU kernels slowed each step
+    ~25% on 2 cores): the engine's runner is that thread, and every step runs there."""
+    import uvicorn
+
+    import azgpt.generate as G
+    from azgpt.serve.app import serve
+
+    where = {}
+    real_cast = G.cast_model
+    monkeypatch.setattr(
+        G, "cast_model", lambda *a, **k: where.setdefault("cast", threading.get_ident())
+        and real_cast(*a, **k),
+    )  # fmt: skip
+
+    def run(self, sockets):  # instead of serving: one request through the app's engine
+        engine = self.config.app.state.server.engine
+        steps = engine.decoder.step
+        seen = set()
+        engine.decoder.step = lambda: seen.add(threading.get_ident()) or steps()
+        with engine:
+            _, fin = engine.complete(engine.prompt_ids("Bakı"), SamplingParams(max_tokens=4))
+        where.update(steps=seen, reason=fin.reason, runner=engine.runner)
+        for s in sockets:
+            s.close()
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    serve(str(ckpt), port=0, device="cpu")
+    assert where["reason"] in ("stop", "length") and where["runner"] is not None
+    assert where["steps"] == {where["cast"]} and where["cast"] != threading.get_ident()
+
+
 def test_a_full_queue_refuses_at_once(loaded):
     model, tok = loaded
     eng = Engine(model, tok, max_batch=1, max_queue=2)  # not started: everything waits

@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import socket
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -209,7 +210,8 @@ def serve(
         if o != "*" and not o.startswith(("http://", "https://")):
             raise UserError(f"--origins {o!r} is not an origin; use e.g. http://localhost:3000.")
     sock = listen(host, port)
-    try:
+
+    def build():
         dev = pick_device(device)
         model, meta = load_model(ckpt, dev)
         model = cast_model(model, dtype, dev, max_batch)
@@ -218,12 +220,20 @@ def serve(
             model, tok, max_batch=max_batch, max_queue=max_queue, ctx=ctx,
             prefill_chunk=prefill_chunk, stall_ms=stall_ms,
         )  # fmt: skip
+        return dev, model, engine
+
+    # One thread loads the model and then runs every step (Engine.runner explains why).
+    runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="azgpt-engine")
+    try:
+        dev, model, engine = runner.submit(build).result()
+        engine.runner = runner
         app = create_app(
             engine, name=name, ckpt=ckpt, api_key=api_key, limits=limits, host=host,
             origins=origins,
         )  # fmt: skip
     except BaseException:
         sock.close()
+        runner.shutdown(wait=False)
         raise
     real_port = sock.getsockname()[1]
     print(

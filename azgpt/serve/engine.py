@@ -17,6 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, Future
 
 from ..chat_template import encode_chat, end_of_turn_id
 from ..generate import (
@@ -106,7 +107,12 @@ class Engine:
         # seconds to sleep per iteration, so a test can act while a stream is running.
         self._slow_step = float(os.environ.get("AZGPT_FAULT_SLOW_STEP") or 0)
         self._cv = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | Future | None = None
+        # The thread that built the model and the cache may run the loop too (`start(runner)`):
+        # torch's CPU kernels split their work over an OpenMP team per calling thread, and a
+        # second thread running them (the one that loaded the model) slowed every step of
+        # the other by ~25% on a 2-core machine (bench/serve.py).
+        self.runner: Executor | None = None
         self._closing = False
 
     # ------------------------------------------------------------------ prompts
@@ -182,8 +188,11 @@ class Engine:
     def start(self) -> Engine:
         if self._thread is None:
             self._closing = False
-            self._thread = threading.Thread(target=self._loop, name="azgpt-engine", daemon=True)
-            self._thread.start()
+            if self.runner is not None:
+                self._thread = self.runner.submit(self._loop)
+            else:
+                self._thread = threading.Thread(target=self._loop, name="azgpt-engine", daemon=True)
+                self._thread.start()
         return self
 
     def close(self) -> None:
@@ -191,9 +200,11 @@ class Engine:
         with self._cv:
             self._closing = True
             self._cv.notify()
-        if self._thread is not None:
+        if isinstance(self._thread, Future):
+            self._thread.result()
+        elif self._thread is not None:
             self._thread.join()
-            self._thread = None
+        self._thread = None
         with self._cv:
             pending = list(self.waiting) + list(self.decoder.rows)
             self.waiting.clear()
