@@ -14,7 +14,7 @@ that it is being compiled); inductor fuses norms, residuals, rotary and attentio
 around them. Its fusion heuristic would also inline a norm into the product that reads it,
 computing the norm again for every output row; `realize_opcount_threshold` makes it store the
 normed row once instead (18.2 against 13.4 ms per token, measured on bench/generate.py's
-shape). With `batch=True` (`azgpt serve`) a second graph serves 2 rows and more, its products
+shape). With `max_batch` > 1 (`azgpt serve`) a second graph serves 2 rows and more, its products
 oneDNN's (`cpu_linear.onednn_linear`), its attention masking each row's unfilled positions.
 
 The step attends over each row's cached positions and its new token as two parts of one
@@ -31,6 +31,7 @@ import time
 import types
 
 import torch
+import torch.fx.experimental._config
 
 __all__ = ["DecodeGraph", "compile_step"]
 
@@ -86,7 +87,7 @@ def _step(model, idx, pos, kv, upto: int, lens):
 
 class DecodeGraph:
     """Decode one token of each of the first rows of a cache with the compiled step: one graph
-    for a lone row and, once `compile_step(batch=True)` made it, one for 2 rows and more;
+    for a lone row and, once `compile_step(max_batch > 1)` made it, one for 2 rows and more;
     `calls` counts steps, `rows` the rows they decoded."""
 
     _made = 0
@@ -138,11 +139,12 @@ class DecodeGraph:
         return logits
 
 
-def compile_step(model, batch: bool = False) -> DecodeGraph | None:
-    """Compile `model`'s decoding step for one row and, with `batch`, for 2 rows and more
-    (`azgpt serve`), running each on a small cache at two lengths (one graph serves every
-    length), under inference mode as decoding runs; None, with a warning, when this machine
-    cannot compile it."""
+def compile_step(model, max_batch: int = 1) -> DecodeGraph | None:
+    """Compile `model`'s decoding step for one row and, when `max_batch` > 1 (`azgpt serve`),
+    for 2 rows and more, running each on a small cache of `max_batch` rows (the Decoder's: a
+    cache with another number of rows may compile again) at two lengths (one graph serves
+    every length), under inference mode as decoding runs; None, with a warning, when this
+    machine cannot compile it."""
     from .model import KVCache
 
     t0 = time.perf_counter()
@@ -150,11 +152,14 @@ def compile_step(model, batch: bool = False) -> DecodeGraph | None:
     # Allocated outside inference mode, as the Decoder's cache is (an inference tensor
     # would not pass the graph's guards).
     dtype = model.transformer.wte.weight.dtype
-    cache = KVCache(model.config, 3, MIN_PAST + 3, dtype=dtype)
+    cache = KVCache(model.config, max_batch, MIN_PAST + 3, dtype=dtype)
     try:
-        with torch.inference_mode():
-            for rows in (1, 3) if batch else (1,):
-                cache.lengths[:] = torch.tensor([MIN_PAST, 1, MIN_PAST])
+        # No duck shapes: sizes that happen to be equal here (rows and layers, cached
+        # positions and heads) must not become one symbol that later sizes have to match.
+        with torch.inference_mode(), torch.fx.experimental._config.patch(use_duck_shape=False):
+            for rows in (1, min(3, max_batch)) if max_batch > 1 else (1,):
+                cache.lengths[:] = 1
+                cache.lengths[0] = MIN_PAST
                 for _ in range(2):
                     graph(cache, [0] * rows)
     except Exception as e:  # no C++ compiler, an inductor bug: the eager step still works
@@ -164,6 +169,6 @@ def compile_step(model, batch: bool = False) -> DecodeGraph | None:
         )
         return None
     graph.calls = graph.rows = 0
-    graph.batch = batch
+    graph.batch = max_batch > 1
     log.info("compiled the decoding step in %.1f s", time.perf_counter() - t0)
     return graph

@@ -309,8 +309,8 @@ def cast_model(model, name: str, device: torch.device, max_batch: int = 1):
     2-5x faster products than the default BLAS on some CPUs); `model.linear_backend` says
     which kernels its Linears run. Where those include the compiled one-row kernel (models
     over `cpu_linear.GEMV_MIN_BYTES`), the whole decoding step is compiled too
-    (`azgpt.decode_graph`; for batches as well when `max_batch` > 1): `model.decode_graph`,
-    None where it is not."""
+    (`azgpt.decode_graph`; for batches as well when `max_batch`, the rows of the Decoder that
+    will run it, is over 1): `model.decode_graph`, None where it is not."""
     dtype = pick_dtype(name, device)
     model.decode_graph = None
     if dtype != "int8":
@@ -327,7 +327,7 @@ def cast_model(model, name: str, device: torch.device, max_batch: int = 1):
                 file=sys.stderr,
                 flush=True,
             )
-            model.decode_graph = compile_step(model, batch=max_batch > 1)
+            model.decode_graph = compile_step(model, max_batch)
         return model
     import warnings
 

@@ -51,7 +51,7 @@ def compiled(request, tok):
     model = copy.deepcopy(ref)
     assert CL.pack_linears(model, gemv=True) == "onednn+gemv"
     before = counters["stats"]["unique_graphs"]
-    model.decode_graph = DG.compile_step(model, batch=True)
+    model.decode_graph = DG.compile_step(model, max_batch=2)
     assert model.decode_graph is not None and model.decode_graph.batch
     return ref, model, counters["stats"]["unique_graphs"] - before
 
@@ -92,49 +92,44 @@ def test_the_compiled_step_computes_the_eager_models_logits(compiled):
 
 
 def test_a_lone_stream_decodes_with_the_compiled_step_and_a_batch_eagerly(compiled, tok):
-    """Through the Decoder `azgpt sample`/`chat`/`serve` run: every step where one sequence
-    decodes is the compiled step, a step of two rows is not; a seeded sample gives the same
-    text as the plain model."""
+    """Through the Decoder `azgpt sample`/`chat`/`serve` run, with the rows the graph was
+    compiled for: every decoding step is the compiled one, two rows while both streams run,
+    then one; greedy tokens are the eager decoder's, and a seeded sample's text the plain
+    model's."""
     ref, model, _ = compiled
     graph = model.decode_graph
     ids = [tok.token_to_id("<|endoftext|>"), *tok.encode("Bakı şəhəri").ids]
-    p = SamplingParams(max_tokens=20, temperature=0.8, seed=5, ignore_eos=True)
-    calls = graph.calls
-    text = "".join(stream_text(model, tok, ids, p))
-    assert graph.calls - calls == 19  # the first token comes from the prompt's prefill
-    assert text == "".join(stream_text(ref, tok, ids, p))
 
-    # Two streams: every step is the compiled one, two rows while both run, then one; the
-    # tokens are the eager decoder's.
-    def decode(graph_on: bool) -> tuple[list, list]:
+    def decode(graph_on: bool, params: list[SamplingParams]) -> tuple[list, list]:
         dec = Decoder(model, tok, max_batch=2, ctx=64)
         if not graph_on:
             dec.graph = None
-        done = []
-        for n in (6, 30):  # one stops early: the other then decodes alone
-            greedy = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-            dec.add(
-                Row(
-                    ids,
-                    greedy,
-                    lambda ev: done.append(ev.context) if hasattr(ev, "context") else None,
-                )
-            )
+        out: dict[int, list] = {i: [] for i in range(len(params))}
+        for i, p in enumerate(params):
+            dec.add(Row(ids, p, lambda ev, i=i: out[i].append(ev)))
         while dec.rows:
             dec.step()
-        return done, dec.trace
+        return [out[i] for i in out], dec.trace
 
     calls, rows = graph.calls, graph.rows
-    got, trace = decode(True)
-    assert got == decode(False)[0]
+    greedy = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (6, 30)]
+    got, trace = decode(True, greedy)  # one stops early: the other then decodes alone
+    assert [ev[-1].context for ev in got] == [ev[-1].context for ev in decode(False, greedy)[0]]
     steps = [d for d, _ in trace if d]
     assert 2 in steps and 1 in steps
     assert graph.calls - calls == len(steps) and graph.rows - rows == sum(steps)
 
+    seeded = SamplingParams(max_tokens=20, temperature=0.8, seed=5, ignore_eos=True)
+    calls = graph.calls
+    events = decode(True, [seeded])[0][0]
+    assert graph.calls - calls == 19  # the first token comes from the prompt's prefill
+    text = "".join(ev.text for ev in events if hasattr(ev, "text"))
+    assert text == "".join(stream_text(ref, tok, ids, seeded))
+
 
 def test_cast_model_compiles_the_step_where_the_one_row_kernel_is_used(tok, monkeypatch):
     made = []
-    monkeypatch.setattr(DG, "compile_step", lambda m, batch: made.append((m, batch)) or "graph")
+    monkeypatch.setattr(DG, "compile_step", lambda m, rows: made.append((m, rows)) or "graph")
     model = small(tok.get_vocab_size())
     total = sum(p.numel() * 4 for n, p in model.named_parameters() if "wpe" not in n)
     monkeypatch.setattr(CL, "GEMV_MIN_BYTES", 1 << 40)
@@ -145,7 +140,7 @@ def test_cast_model_compiles_the_step_where_the_one_row_kernel_is_used(tok, monk
     big = cast_model(copy.deepcopy(model), "float32", torch.device("cpu"))
     assert big.linear_backend == "onednn+gemv" and big.decode_graph == "graph"
     served = cast_model(copy.deepcopy(model), "float32", torch.device("cpu"), max_batch=8)
-    assert made == [(big, False), (served, True)]  # `azgpt serve` compiles batches too
+    assert made == [(big, 1), (served, 8)]  # `azgpt serve` compiles batches too
     assert cast_model(copy.deepcopy(model), "int8", torch.device("cpu")).decode_graph is None
 
 
