@@ -635,9 +635,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--stall-ms",
         type=_positive_int("--stall-ms"),
-        default=100,
+        default=75,
         help="the time one iteration (a decoding step and a prompt chunk) aims at, so a long "
-        "prompt never stalls running streams much longer (default 100)",
+        "prompt never stalls running streams much longer (default 75)",
     )
     sv.set_defaults(fn=cmd_serve)
     return p

@@ -249,7 +249,7 @@ def bench_model(
     log: Path,
     long_prompt: int = 0,
     prefill_chunk: str = "auto",
-    stall_ms: int = 100,
+    stall_ms: int = 75,
 ):
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -302,7 +302,7 @@ def main() -> None:
     ap.add_argument("--demo-ckpt", help="a trained demo checkpoint (default: random weights)")
     ap.add_argument("--long-prompt", type=int, default=480, help="0: skip the long-prompt run")
     ap.add_argument("--prefill-chunk", default="auto", help="the server's --prefill-chunk")
-    ap.add_argument("--stall-ms", type=int, default=100, help="the server's --stall-ms")
+    ap.add_argument("--stall-ms", type=int, default=75, help="the server's --stall-ms")
     a = ap.parse_args()
 
     from azgpt.tokenizer import save_tokenizer, train_tokenizer

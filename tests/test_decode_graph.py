@@ -91,7 +91,7 @@ def test_the_compiled_step_computes_the_eager_models_logits(compiled):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-def test_a_lone_stream_decodes_with_the_compiled_step_and_a_batch_eagerly(compiled, tok):
+def test_the_decoder_runs_every_step_compiled_and_gives_the_eager_tokens(compiled, tok):
     """Through the Decoder `azgpt sample`/`chat`/`serve` run, with the rows the graph was
     compiled for: every decoding step is the compiled one, two rows while both streams run,
     then one; greedy tokens are the eager decoder's, and a seeded sample's text the plain

@@ -191,7 +191,7 @@ def serve(
     max_batch: int = 8,
     max_queue: int = 64,
     prefill_chunk: int | None = None,
-    stall_ms: float = 100.0,
+    stall_ms: float = 75.0,
     limits: Limits | None = None,
     origins: Sequence[str] = (),
     max_connections: int = 256,
