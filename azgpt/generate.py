@@ -521,10 +521,17 @@ class Decoder:
             return 0
         rows = self.rows[:d]
         t0 = time.perf_counter()
-        graph = self.graph
+        graph, logits = self.graph, None
         if graph is not None and (d == 1 or graph.batch) and graph.fits(self.cache, d):
-            logits = graph(self.cache, [s.seq[-1] for s in rows])  # one compiled step
-        else:
+            try:
+                logits = graph(self.cache, [s.seq[-1] for s in rows])  # one compiled step
+            except Exception as e:  # a recompile that fails, an inductor bug: go on eagerly
+                log.warning(
+                    "the compiled decoding step failed (%s); decoding runs eagerly from now on",
+                    " ".join(str(e).split())[:160],
+                )
+                self.graph = None  # the cache is untouched: the step is taken again below
+        if logits is None:
             x = torch.tensor([[s.seq[-1]] for s in rows], device=self.device)  # (d, 1)
             view = self.cache.view(0, d, max(s.fed for s in rows) + 1)
             logits = self.model(x, cache=view, last_only=True)[:, -1]

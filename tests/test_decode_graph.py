@@ -127,6 +127,36 @@ def test_the_decoder_runs_every_step_compiled_and_gives_the_eager_tokens(compile
     assert text == "".join(stream_text(ref, tok, ids, seeded))
 
 
+def test_a_compiled_step_that_fails_while_decoding_leaves_eager_decoding(compiled, tok, caplog):
+    """A graph that fails mid-generation (a recompile that cannot compile, say) costs no
+    request: the step is taken eagerly, from then on, with a warning; the tokens are eager
+    decoding's."""
+    _, model, _ = compiled
+    ids = [tok.token_to_id("<|endoftext|>"), *tok.encode("Gəncə").ids]
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+    def run(graph) -> tuple[Decoder, list]:
+        dec = Decoder(model, tok, max_batch=2, ctx=64)
+        dec.graph = graph
+        events: list = []
+        dec.add(Row(ids, greedy, events.append))
+        while dec.rows:
+            dec.step()
+        return dec, events
+
+    def broken(*a):
+        raise RuntimeError("the recompile failed")
+
+    graph = copy.copy(model.decode_graph)
+    graph.fn = broken
+    with caplog.at_level(logging.WARNING, logger="azgpt.generate"):
+        dec, events = run(graph)
+    assert dec.graph is None and "the compiled decoding step failed" in caplog.text
+    assert "the recompile failed" in caplog.text
+    assert events[-1].reason == "length"
+    assert events[-1].context == run(None)[1][-1].context
+
+
 def test_cast_model_compiles_the_step_where_the_one_row_kernel_is_used(tok, monkeypatch):
     made = []
     monkeypatch.setattr(DG, "compile_step", lambda m, rows: made.append((m, rows)) or "graph")
