@@ -20,6 +20,7 @@ import azgpt.decode_graph as DG
 from azgpt.config import ModelConfig
 from azgpt.generate import Decoder, Row, SamplingParams, cast_model, stream_text
 from azgpt.model import GPT, KVCache
+from azgpt.serve.engine import Engine
 from azgpt.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.skipif(not CL.available(), reason="this torch build has no oneDNN")
@@ -49,7 +50,8 @@ def compiled(request, tok):
     torch.set_num_threads(1)
     ref = small(tok.get_vocab_size(), **ARCHS[request.param])
     model = copy.deepcopy(ref)
-    assert CL.pack_linears(model, gemv=True) == "onednn+gemv"
+    model.linear_backend = CL.pack_linears(model, gemv=True)
+    assert model.linear_backend == "onednn+gemv"
     before = counters["stats"]["unique_graphs"]
     model.decode_graph = DG.compile_step(model, max_batch=2)
     assert model.decode_graph is not None and model.decode_graph.batch
@@ -118,6 +120,12 @@ def test_the_decoder_runs_every_step_compiled_and_gives_the_eager_tokens(compile
     steps = [d for d, _ in trace if d]
     assert 2 in steps and 1 in steps
     assert graph.calls - calls == len(steps) and graph.rows - rows == sum(steps)
+
+    # `azgpt serve` reports it (/health, and its startup line).
+    assert Engine(model, tok, max_batch=2).kernels() == {
+        "linear": "onednn+gemv",
+        "decode_step": "compiled",
+    }
 
     seeded = SamplingParams(max_tokens=20, temperature=0.8, seed=5, ignore_eos=True)
     calls = graph.calls

@@ -118,6 +118,7 @@ def create_app(
             "model": name,
             "context": engine.block_size,
             "parameters": engine.model.num_params(),
+            "kernels": engine.kernels(),
             "defaults": {
                 "temperature": DEFAULTS.temperature,
                 "top_k": DEFAULTS.top_k,
@@ -238,7 +239,7 @@ def serve(
     real_port = sock.getsockname()[1]
     print(
         f"azgpt serve: {name} ({model.num_params() / 1e6:.1f}M parameters, context "
-        f"{engine.block_size}, {dev}, {dtype})"
+        f"{engine.block_size}, {dev}, {dtype}; decoding step {engine.kernels()['decode_step']})"
         f" at http://{host}:{real_port}/  (playground /, Ollama /api, OpenAI /v1)",
         flush=True,
     )

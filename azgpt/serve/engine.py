@@ -177,6 +177,14 @@ class Engine:
                 parts.append(ev.text)
         return "".join(parts), ev
 
+    def kernels(self) -> dict:
+        """What runs the model: its Linears' kernels (`cast_model`) and whether decoding steps
+        are compiled (`azgpt.decode_graph`; "eager" again if a compiled step failed)."""
+        return {
+            "linear": getattr(self.model, "linear_backend", "torch"),
+            "decode_step": "eager" if self.decoder.graph is None else "compiled",
+        }
+
     def status(self) -> dict:
         return {
             "active": len(self.decoder.rows),
