@@ -338,6 +338,13 @@ def test_one_server_under_several_names_keeps_one_delay(tmp_path):
         assert min(gaps) >= 0.2 - ARRIVAL_JITTER, gaps
 
 
+def fast_site() -> tuple[list[str], dict]:
+    """A host that allows everything: a front page linking five pages (paths, routes)."""
+    pages = [f"/f{i}" for i in range(5)]
+    routes = {"/robots.txt": robots("User-agent: *\nAllow: /\n"), "/": ok(article("Tez", pages))}
+    return pages, routes | {p: ok(article(p)) for p in pages}
+
+
 def test_a_slow_host_does_not_hold_up_a_fast_one(tmp_path):
     many = [f"/p{i}" for i in range(300)]
     slow_routes = {
@@ -345,12 +352,7 @@ def test_a_slow_host_does_not_hold_up_a_fast_one(tmp_path):
         "/": ok(article("Yavaş", many)),
     }
     slow_routes |= {p: ok(article(p)) for p in many}
-    fast_pages = [f"/f{i}" for i in range(5)]
-    fast_routes = {
-        "/robots.txt": robots("User-agent: *\nAllow: /\n"),
-        "/": ok(article("Tez", fast_pages)),
-    }
-    fast_routes |= {p: ok(article(p)) for p in fast_pages}
+    fast_pages, fast_routes = fast_site()
     with serve(slow_routes) as slow, serve(fast_routes) as fast:
         report, _ = crawl(tmp_path, [f"{slow.base}/", f"{fast.base}/"], max_pages=12)
         # 300 queued URLs of the slow host come first in the queue; the fast host still got
@@ -368,12 +370,7 @@ def test_a_slow_hosts_crawl_delay_is_not_slept_in_the_step_that_reads_it(tmp_pat
         "/": ok(article("Yavaş", ["/s1"])),
         "/s1": ok(article("S1")),
     }
-    fast_pages = [f"/f{i}" for i in range(5)]
-    fast_routes = {
-        "/robots.txt": robots("User-agent: *\nAllow: /\n"),
-        "/": ok(article("Tez", fast_pages)),
-    }
-    fast_routes |= {p: ok(article(p)) for p in fast_pages}
+    fast_pages, fast_routes = fast_site()
     with serve(slow_routes) as slow, serve(fast_routes) as fast:
         t0 = time.monotonic()
         report, _ = crawl(tmp_path, [f"{slow.base}/", f"{fast.base}/"], max_pages=6)

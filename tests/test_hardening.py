@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -563,6 +564,15 @@ def _pool_workers(pid: int) -> list[int]:
     return found
 
 
+def _kill_a_pool_worker(p: subprocess.Popen) -> subprocess.CompletedProcess:
+    """SIGKILL one pool worker of the running command `p`; its end, stderr captured."""
+    victims = _pool_workers(p.pid)
+    assert victims, "no worker process appeared"
+    os.kill(victims[0], signal.SIGKILL)
+    _, err = p.communicate(timeout=300)
+    return subprocess.CompletedProcess(p.args, p.returncode, "", err)
+
+
 def test_a_prepare_workers_reply_fits_one_atomic_pipe_write(data, tmp_path):
     """A pool worker's reply is a few numbers and a file name, far under PIPE_BUF (4,096
     bytes), so the kernel writes it whole or not at all: a worker killed while replying cannot
@@ -587,7 +597,6 @@ def test_a_prepare_workers_reply_fits_one_atomic_pipe_write(data, tmp_path):
 def test_a_prepare_worker_killed_mid_run_is_one_sentence(data, tmp_path):
     """A worker killed (the kernel's out-of-memory killer, a user) is one sentence naming the
     cause and the fix; no token file is left behind."""
-    import signal
     import time
 
     tok_dir, _ = data
@@ -613,11 +622,7 @@ def test_a_prepare_worker_killed_mid_run_is_one_sentence(data, tmp_path):
     deadline = time.monotonic() + 120
     while not started() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    victims = _pool_workers(p.pid)
-    assert victims, "no worker process appeared"
-    os.kill(victims[0], signal.SIGKILL)
-    _, err = p.communicate(timeout=300)
-    r = subprocess.CompletedProcess(p.args, p.returncode, "", err)
+    r = _kill_a_pool_worker(p)
     assert "worker process died" in _one_sentence(r)
     assert not (out / "train.npy").exists() and not list(out.glob(".*.tmp"))
 
@@ -660,7 +665,6 @@ def test_a_clean_worker_killed_mid_run_is_one_sentence(tmp_path):
     the cause and the fix, exit 2, no output file; the workers' replies travel through spool
     files whose names (a few dozen bytes) the kernel writes whole, so the pool cannot hang on
     half a reply."""
-    import signal
     import time
 
     from azgpt.poolio import call_spooled, unspool
@@ -686,11 +690,7 @@ def test_a_clean_worker_killed_mid_run_is_one_sentence(tmp_path):
     while len(_pool_workers(p.pid)) < 2 and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(1.0)  # the pool has batches in flight
-    victims = _pool_workers(p.pid)
-    assert victims, "no worker process appeared"
-    os.kill(victims[0], signal.SIGKILL)
-    _, err = p.communicate(timeout=300)
-    r = subprocess.CompletedProcess(p.args, p.returncode, "", err)
+    r = _kill_a_pool_worker(p)
     assert "clean worker process died" in _one_sentence(r)
     assert not out.exists()
 

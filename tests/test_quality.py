@@ -113,6 +113,13 @@ def _docs(path: Path) -> list[str]:
     return [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
 
 
+def _clean_with_report(src: Path) -> tuple[list[str], dict]:
+    """`azgpt clean SRC --report` beside SRC: the documents kept and the report."""
+    out, rep = src.with_name("clean.txt"), src.with_name("report.json")
+    assert main(["clean", str(src), "--out", str(out), "--report", str(rep)]) == 0
+    return _docs(out), json.loads(rep.read_text())
+
+
 def test_clean_drops_hub_page_of_crawled_records_and_reports_examples(tmp_path, capsys):
     src = _jsonl(
         tmp_path / "pages.jsonl",
@@ -123,10 +130,8 @@ def test_clean_drops_hub_page_of_crawled_records_and_reports_examples(tmp_path, 
             {"url": "https://seir.az/bahar", "text": POEM},
         ],
     )
-    out, rep = tmp_path / "clean.txt", tmp_path / "report.json"
-    assert main(["clean", str(src), "--out", str(out), "--report", str(rep)]) == 0
-    assert _docs(out) == [ARTICLE, POEM]
-    report = json.loads(rep.read_text())
+    docs, report = _clean_with_report(src)
+    assert docs == [ARTICLE, POEM]
     dropped = {k: v for k, v in report["dropped"].items() if k.startswith("quality:")}
     assert sum(dropped.values()) == 2
     assert report["quality"]["applied_to"] == "web"
@@ -232,7 +237,6 @@ def test_clean_drops_a_crawled_headline_list_and_keeps_the_article(tmp_path):
             {"url": "https://hekaye.az/yol", "text": DIALOGUE},
         ],
     )
-    out, rep = tmp_path / "clean.txt", tmp_path / "report.json"
-    assert main(["clean", str(src), "--out", str(out), "--report", str(rep)]) == 0
-    assert _docs(out) == [ARTICLE, DIALOGUE]
-    assert json.loads(rep.read_text())["dropped"]["quality:lines_without_punctuation"] == 1
+    docs, report = _clean_with_report(src)
+    assert docs == [ARTICLE, DIALOGUE]
+    assert report["dropped"]["quality:lines_without_punctuation"] == 1
