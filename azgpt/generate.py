@@ -291,8 +291,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype | str:
     """`--dtype`: auto (bfloat16 on a CUDA GPU that has it, else float32), a torch dtype's
-    name, or int8 (CPU: every Linear's weights in int8 per output channel, activations
-    quantized on the fly)."""
+    name, or int8 (CPU: every Linear's weights rounded to int8 per output row, float32
+    activations; `azgpt.cpu_linear`)."""
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -307,39 +307,34 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype | str:
 
 
 def cast_model(model, name: str, device: torch.device, max_batch: int = 1):
-    """The model in `--dtype`, for generation only (a new module for int8; the same one cast
-    otherwise). On a CPU its fp32/bf16 Linears are laid out for oneDNN (`azgpt.cpu_linear`:
-    2-5x faster products than the default BLAS on some CPUs); `model.linear_backend` says
-    which kernels its Linears run. Where those include the compiled one-row kernel (models
-    over `cpu_linear.GEMV_MIN_BYTES`), the whole decoding step is compiled too
-    (`azgpt.decode_graph`; for batches as well when `max_batch`, the rows of the Decoder that
-    will run it, is over 1): `model.decode_graph`, None where it is not."""
+    """The model in `--dtype`, for generation only (the same module, cast). On a CPU its
+    fp32/bf16 Linears are laid out for oneDNN (`azgpt.cpu_linear`: 2-5x faster products than
+    the default BLAS on some CPUs); with int8, their weights are first rounded to int8 per
+    output row. `model.linear_backend` says which kernels its Linears run. Where those include
+    the compiled one-row kernel (models over `cpu_linear.GEMV_MIN_BYTES`), the whole decoding
+    step is compiled too (`azgpt.decode_graph`; for batches as well when `max_batch`, the rows
+    of the Decoder that will run it, is over 1): `model.decode_graph`, None where it is not."""
+    from .cpu_linear import available, pack_linears
+
     dtype = pick_dtype(name, device)
     model.decode_graph = None
-    if dtype != "int8":
-        from .cpu_linear import pack_linears
+    int8 = dtype == "int8"
+    if int8 and not available():
+        raise UserError(
+            "--dtype int8 needs oneDNN, which this PyTorch build lacks; use --dtype float32."
+        )
+    model = model.to(torch.float32 if int8 else dtype).eval()
+    model.linear_backend = pack_linears(model, int8=int8) if device.type == "cpu" else "torch"
+    if model.linear_backend.endswith("+gemv"):
+        from .decode_graph import compile_step
 
-        model = model.to(dtype).eval()
-        model.linear_backend = pack_linears(model) if device.type == "cpu" else "torch"
-        if model.linear_backend == "onednn+gemv":
-            from .decode_graph import compile_step
-
-            print(
-                "azgpt: compiling the decoding step for this CPU (a minute or two the first "
-                "time; torch keeps it on disk for the next start)",
-                file=sys.stderr,
-                flush=True,
-            )
-            model.decode_graph = compile_step(model, max_batch)
-        return model
-    import warnings
-
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao's notice that torchao is its successor
-        model = quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig})
-    model.linear_backend = "int8"
+        print(
+            "azgpt: compiling the decoding step for this CPU (a minute or two the first "
+            "time; torch keeps it on disk for the next start)",
+            file=sys.stderr,
+            flush=True,
+        )
+        model.decode_graph = compile_step(model, max_batch)
     return model
 
 

@@ -10,7 +10,8 @@ contender decodes --tokens greedy tokens after the same short prompt with the sa
   its Linears laid out for oneDNN as `azgpt sample` / `serve` / `chat` run them on a CPU;
 - azgpt fp32, torch Linear: the same without that layout (torch's default BLAS, for reference);
 - azgpt bf16: `--dtype bfloat16` (oneDNN's bf16 kernels where the CPU has them);
-- azgpt int8: the same path with `--dtype int8` (torch's dynamic int8 Linear, per channel);
+- azgpt int8: the same path with `--dtype int8` (weights rounded to int8 per output row, the
+  decoding step compiled around an int8 one-row product);
 - llama.cpp f32 and q8_0: llama-cpp-python on the exported files.
 
 Decode tokens/s counts the tokens after the first (the prompt's prefill is excluded). On a

@@ -98,7 +98,7 @@ def test_one_row_kernel_is_compiled_once_per_shape_and_computes_the_same(kw, mon
     model = copy.deepcopy(ref)
     assert CL.pack_linears(model, gemv=True) == "onednn+gemv"
     _, packed = linears(model)
-    shapes = {(m.in_features, m.out_features, torch.float32) for m in packed}
+    shapes = {(m.in_features, m.out_features, torch.float32, False) for m in packed}
     assert sorted(compiled, key=str) == sorted(shapes, key=str)  # once per shape, at load
     kernels = {(m.in_features, m.out_features): m.gemv for m in packed}
     assert all(m.gemv is kernels[m.in_features, m.out_features] for m in packed)
@@ -149,7 +149,41 @@ def test_weights_over_the_threshold_choose_the_compiled_kernel(monkeypatch):
     assert CL.pack_linears(copy.deepcopy(model)) == "onednn+gemv" and calls
 
 
-def test_int8_and_gpu_models_are_not_packed():
-    model = cast_model(small(), "int8", torch.device("cpu"))
-    assert model.linear_backend == "int8"
-    assert not any(isinstance(m, CL.PackedLinear) for m in model.modules())
+def test_int8_rounding_keeps_each_weight_within_half_a_step():
+    """`quantize_rows`: int8 in [-127, 127], each row's largest magnitude at 127, every weight
+    within half its row's step of the original; a row of zeros stays zeros."""
+    torch.manual_seed(0)
+    w = torch.randn(6, 40)
+    w[2] *= 1000  # rows of very different ranges get their own scale
+    w[4] = 0
+    q, scale = CL.quantize_rows(w)
+    assert q.dtype == torch.int8 and scale.shape == (6,) and scale.dtype == torch.float32
+    assert q.abs().max().item() == 127 and q[4].abs().max().item() == 0 and scale[4] == 1
+    assert all(q[r].abs().max().item() == 127 for r in (0, 1, 2, 3, 5))
+    err = (w - q.float() * scale[:, None]).abs()
+    assert (err <= scale[:, None] / 2 * (1 + 1e-5)).all()
+
+
+@pytest.mark.parametrize("kw", ARCHS, ids=["gpt2", "llama"])
+def test_int8_one_row_kernel_reads_int8_rows_and_matches_the_batch_path(kw):
+    """`--dtype int8`: the one-row kernel is compiled for int8 rows and used for a lone
+    stream; its logits are oneDNN's (the same rounded weights, run as float32) within float
+    rounding, batched rows get the same logits as alone, and everything stays within 2% of
+    the float32 model."""
+    ref = small(**kw)
+    eager = copy.deepcopy(ref)
+    assert CL.pack_linears(eager, gemv=False, int8=True) == "int8"
+    model = copy.deepcopy(ref)
+    assert CL.pack_linears(model, gemv=True, int8=True) == "int8+gemv"
+    _, packed = linears(model)
+    assert all(m.int8 and m.weight_rows.dtype == torch.int8 for m in packed)
+    assert all(m.weight_rows.abs().max().item() == 127 for m in packed)
+    prompt = torch.randint(0, 300, (1, 7))
+    lone, base, full = (decode_logits(m, prompt) for m in (model, eager, ref))
+    assert all(m.calls["gemv"] >= 5 for m in packed)
+    for a, b, c in zip(lone, base, full):
+        assert (a - b).abs().max().item() < 1e-5
+        assert ((a - c).abs().max() / c.abs().max()).item() < 0.02
+    batch = torch.cat([prompt, torch.randint(0, 300, (2, 7))])
+    for a, b in zip(lone, decode_logits(model, batch)):
+        assert (a[0] - b[0]).abs().max().item() < 1e-5

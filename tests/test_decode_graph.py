@@ -44,14 +44,22 @@ def small(vocab: int, **kw) -> GPT:
     return GPT(ModelConfig(**(cfg | kw))).eval()
 
 
-@pytest.fixture(scope="module", params=list(ARCHS))
+@pytest.fixture(scope="module", params=[*ARCHS, "gpt2-int8"])
 def compiled(request, tok):
-    """(plain model, the same model packed with its step compiled, graphs the compile made)."""
+    """(eager model, the same model packed with its step compiled, graphs the compile made).
+    gpt2-int8 (`--dtype int8`): both have the int8-rounded weights; the eager one runs them
+    through oneDNN, the compiled step's one-row products read the int8 rows."""
     torch.set_num_threads(1)
-    ref = small(tok.get_vocab_size(), **ARCHS[request.param])
+    int8 = request.param.endswith("-int8")
+    ref = small(tok.get_vocab_size(), **ARCHS[request.param.removesuffix("-int8")])
     model = copy.deepcopy(ref)
-    model.linear_backend = CL.pack_linears(model, gemv=True)
-    assert model.linear_backend == "onednn+gemv"
+    if int8:
+        assert CL.pack_linears(ref, gemv=False, int8=True) == "int8"
+    model.linear_backend = CL.pack_linears(model, gemv=True, int8=int8)
+    assert model.linear_backend == ("int8+gemv" if int8 else "onednn+gemv")
+    if int8:
+        rows = [m.weight_rows for m in model.modules() if isinstance(m, CL.PackedLinear)]
+        assert rows and all(r.dtype == torch.int8 for r in rows)
     before = counters["stats"]["unique_graphs"]
     model.decode_graph = DG.compile_step(model, max_batch=2)
     assert model.decode_graph is not None and model.decode_graph.batch
@@ -123,7 +131,7 @@ def test_the_decoder_runs_every_step_compiled_and_gives_the_eager_tokens(compile
 
     # `azgpt serve` reports it (/health, and its startup line).
     assert Engine(model, tok, max_batch=2).kernels() == {
-        "linear": "onednn+gemv",
+        "linear": model.linear_backend,
         "decode_step": "compiled",
     }
 
@@ -179,7 +187,8 @@ def test_cast_model_compiles_the_step_where_the_one_row_kernel_is_used(tok, monk
     assert big.linear_backend == "onednn+gemv" and big.decode_graph == "graph"
     served = cast_model(copy.deepcopy(model), "float32", torch.device("cpu"), max_batch=8)
     assert made == [(big, 1), (served, 8)]  # `azgpt serve` compiles batches too
-    assert cast_model(copy.deepcopy(model), "int8", torch.device("cpu")).decode_graph is None
+    int8 = cast_model(copy.deepcopy(model), "int8", torch.device("cpu"))
+    assert int8.linear_backend == "int8+gemv" and int8.decode_graph == "graph"
 
 
 def test_a_step_that_cannot_compile_leaves_eager_decoding(tok, monkeypatch, caplog):

@@ -3,6 +3,7 @@ decoder that `azgpt sample` and `azgpt serve` share."""
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -449,21 +450,23 @@ def test_run_sample_uses_the_same_path(tok, tmp_path):
 
 
 def test_int8_dtype_quantizes_every_linear_and_decodes(tok):
-    """`--dtype int8`: the path meant (torch's dynamic int8 Linear, per output channel) ran,
-    its logits stay near fp32's, and the shared decoder runs it."""
+    """`--dtype int8`: the path meant ran (every Linear replaced by one holding int8-rounded
+    weights), its logits stay near fp32's, and the shared decoder runs it."""
+    from azgpt.cpu_linear import PackedLinear
     from azgpt.generate import cast_model
 
     for kw in ({}, {"arch": "llama", "n_kv_head": 1, "bias": False}):
         model = small(tok, n_embd=64, **kw)
-        q = cast_model(model, "int8", torch.device("cpu"))
-        assert not any(type(m) is torch.nn.Linear for m in q.modules())
-        qlinear = torch.ao.nn.quantized.dynamic.Linear
         n_linear = sum(type(m) is torch.nn.Linear for m in model.modules())
-        assert sum(isinstance(m, qlinear) for m in q.modules()) == n_linear
+        ref = copy.deepcopy(model)
+        q = cast_model(model, "int8", torch.device("cpu"))
+        assert q.linear_backend == "int8"  # tiny: no one-row kernel to compile
+        assert not any(type(m) is torch.nn.Linear for m in q.modules())
+        assert sum(isinstance(m, PackedLinear) and m.int8 for m in q.modules()) == n_linear
         x = torch.randint(0, 500, (1, 20))
         with torch.inference_mode():
-            a, b = model(x), q(x)
-        assert ((a - b).abs().max() / a.abs().max()).item() < 0.05
+            a, b = ref(x), q(x)
+        assert 0 < ((a - b).abs().max() / a.abs().max()).item() < 0.02
         params = SamplingParams(max_tokens=20, temperature=0.8, seed=1, ignore_eos=True)
         fin = list(generate_events(q, tok, prompt_ids(tok, PROMPT), params))[-1]
         assert fin.reason == "length" and fin.completion_tokens == 20
