@@ -658,7 +658,7 @@ def _add_ctx_dtype(p) -> None:
         "--dtype",
         default="auto",
         help="auto (bfloat16 on a GPU that has it, float32 on CPU), float32, bfloat16, float16 "
-        "or int8 (CPU: int8 weights per output channel)",
+        "or int8 (CPU: weights rounded to int8 per output row)",
     )
 
 
