@@ -1,4 +1,4 @@
-"""The decoding step compiled whole, for generation on a CPU.
+"""The decoding step compiled whole, for generation on a CPU or a CUDA GPU.
 
 Decoding one sequence reads every weight once per token, so its floor is the time the weights
 take to stream from memory (about 15 ms for the 110M shape at ~30 GB/s). Run eagerly, the step
@@ -16,6 +16,11 @@ computing the norm again for every output row; `realize_opcount_threshold` makes
 normed row once instead (18.2 against 13.4 ms per token, measured on bench/generate.py's
 shape). With `max_batch` > 1 (`azgpt serve`) a second graph serves 2 rows and more, its products
 oneDNN's (`cpu_linear.onednn_linear`), its attention masking each row's unfilled positions.
+
+On a CUDA GPU a step of a model this size is bound by launching its ~700 small kernels one by
+one from Python (each a few microseconds, whatever its size); compiled, inductor fuses the
+norms, residuals, rotary and attention into a few Triton kernels around the matmuls (no C++
+wrapper or CPU-specific settings there).
 
 The step attends over each row's cached positions and its new token as two parts of one
 softmax (nothing is copied), and returns the logits with the new keys and values of every
@@ -95,11 +100,10 @@ class DecodeGraph:
     def __init__(self, model):
         self.calls = self.rows = 0
         self.batch = False  # a graph for 2 rows and more was compiled
-        options = {
-            "cpp_wrapper": True,
-            "realize_opcount_threshold": 2,  # see the module's docstring
-            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
-        }
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        if model.transformer.wte.weight.device.type == "cpu":
+            options["cpp_wrapper"] = True
+            options["realize_opcount_threshold"] = 2  # see the module's docstring
 
         def step(idx, pos, kv, upto, lens):
             return _step(model, idx, pos, kv, upto, lens)
@@ -151,8 +155,8 @@ def compile_step(model, max_batch: int = 1) -> DecodeGraph | None:
     graph = DecodeGraph(model)
     # Allocated outside inference mode, as the Decoder's cache is (an inference tensor
     # would not pass the graph's guards).
-    dtype = model.transformer.wte.weight.dtype
-    cache = KVCache(model.config, max_batch, MIN_PAST + 3, dtype=dtype)
+    w = model.transformer.wte.weight
+    cache = KVCache(model.config, max_batch, MIN_PAST + 3, dtype=w.dtype, device=w.device)
     try:
         # No duck shapes: sizes that happen to be equal here (rows and layers, cached
         # positions and heads) must not become one symbol that later sizes have to match.

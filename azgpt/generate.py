@@ -306,15 +306,23 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype | str:
     return DTYPES[name]
 
 
+def _linear_bytes(model) -> int:
+    return sum(
+        m.weight.numel() * m.weight.element_size()
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+    )
+
+
 def cast_model(model, name: str, device: torch.device, max_batch: int = 1):
     """The model in `--dtype`, for generation only (the same module, cast). On a CPU its
     fp32/bf16 Linears are laid out for oneDNN (`azgpt.cpu_linear`: 2-5x faster products than
     the default BLAS on some CPUs); with int8, their weights are first rounded to int8 per
     output row. `model.linear_backend` says which kernels its Linears run. Where those include
-    the compiled one-row kernel (models over `cpu_linear.GEMV_MIN_BYTES`), the whole decoding
-    step is compiled too (`azgpt.decode_graph`; for batches as well when `max_batch`, the rows
+    the compiled one-row kernel (models over `cpu_linear.GEMV_MIN_BYTES`), and on a CUDA GPU
+    for models of that size, the whole decoding step is compiled too (`azgpt.decode_graph`; for batches as well when `max_batch`, the rows
     of the Decoder that will run it, is over 1): `model.decode_graph`, None where it is not."""
-    from .cpu_linear import available, pack_linears
+    from .cpu_linear import GEMV_MIN_BYTES, available, pack_linears
 
     dtype = pick_dtype(name, device)
     model.decode_graph = None
@@ -325,12 +333,14 @@ def cast_model(model, name: str, device: torch.device, max_batch: int = 1):
         )
     model = model.to(torch.float32 if int8 else dtype).eval()
     model.linear_backend = pack_linears(model, int8=int8) if device.type == "cpu" else "torch"
-    if model.linear_backend.endswith("+gemv"):
+    if model.linear_backend.endswith("+gemv") or (
+        device.type == "cuda" and _linear_bytes(model) >= GEMV_MIN_BYTES
+    ):
         from .decode_graph import compile_step
 
         print(
-            "azgpt: compiling the decoding step for this CPU (a minute or two the first "
-            "time; torch keeps it on disk for the next start)",
+            f"azgpt: compiling the decoding step for this {device.type.upper()} (a minute or "
+            "two the first time; torch keeps it on disk for the next start)",
             file=sys.stderr,
             flush=True,
         )

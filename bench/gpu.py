@@ -2,9 +2,10 @@
 AdamW: configs/gpt100m.toml; llama + Muon: configs/gpt100m_modern.toml) at each batch x context
 shape (steady-state tokens/s, MFU against the measured peak and the data sheet, peak memory,
 step-time spread), a loss-curve check per recipe (compiled vs plain, same seed), the peak
-memory of configs/gpt100m_4gb.toml at its own shape, and single-stream decoding speed. Rows are
-appended to docs/results.md with the card, date, versions and command. bench/gpu.sh runs this,
-the optimizer-step benchmark and the `gpu`-marked tests.
+memory of configs/gpt100m_4gb.toml at its own shape, and decoding speed at 1, 8 and 32 rows,
+eager and with the compiled decoding step. Rows are appended to docs/results.md with the card,
+date, versions and command. bench/gpu.sh runs this, the optimizer-step benchmark and the
+`gpu`-marked tests.
 
     python bench/gpu.py                                   # 12x512 and 32x1024
     python bench/gpu.py --data out/az/data --tokenizer out/az/tokenizer   # real corpus tokens
@@ -127,27 +128,52 @@ SMOKE_MODEL = [
 ]
 
 
-def generation_speed(cfg_path, device, tokens: int, smoke: bool) -> float:
-    """Single-stream decoding tokens/s of the run file's model (random weights) through
-    `model.generate`, the in-training sampler's path; the first call warms up."""
+def decode_speeds(cfg_path, device, tokens: int, smoke: bool, rows_list) -> dict:
+    """Decoding tokens/s of the run file's model (random weights) through the Decoder that
+    `azgpt sample`, `chat` and `serve` run, cast as they cast it (`cast_model`, --dtype auto:
+    bf16 on the GPU), with 1, 8 and 32 rows decoding together (serve's clients), eagerly and
+    with the compiled decoding step where cast_model compiled one (the gpt100m shape on a GPU);
+    a short warm-up run first."""
     import torch
 
     from azgpt.config import load_config
+    from azgpt.generate import Decoder, Row, SamplingParams, cast_model
     from azgpt.model import GPT
+    from azgpt.tokenizer import train_tokenizer
 
+    texts = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "data/sample").glob("*.txt"))]
+    tok = train_tokenizer(texts, vocab_size=2048)
     cfg = load_config(cfg_path, SMOKE_MODEL if smoke else [])
-    model = GPT(cfg.model).to(device).eval()
-    x = torch.zeros((1, 8), dtype=torch.long, device=device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
-        for n in (8, tokens):
-            sync()
-            t0 = time.perf_counter()
-            out = list(model.generate(x, n, 1.0, 50, None, None, None))
-            sync()
-            dt = time.perf_counter() - t0
-    return len(out) / dt
+    if smoke:  # the compiled path too, on the tiny model (it compiles for large ones only)
+        import azgpt.cpu_linear
+
+        azgpt.cpu_linear.GEMV_MIN_BYTES = 0
+    torch.manual_seed(0)
+    model = cast_model(GPT(cfg.model).to(device), "auto", device, max_batch=max(rows_list))
+    ids = [tok.token_to_id("<|endoftext|>"), *tok.encode("Azərbaycanın paytaxtı").ids]
+    ctx = min(cfg.model.block_size, len(ids) + tokens + 1)
+
+    def run(rows: int, n: int, graph) -> float:
+        dec = Decoder(model, tok, max_batch=max(rows_list), ctx=ctx)
+        dec.graph = graph
+        params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+        for _ in range(rows):
+            dec.add(Row(ids, params, lambda ev: None))
+        dec.step()  # the prompts' prefill and each row's first token
+        t0 = time.perf_counter()
+        while dec.rows:
+            dec.step()  # each step reads its logits back: the time is the GPU's too
+        return rows * (n - 1) / (time.perf_counter() - t0)
+
+    out = {"dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+    for mode, graph in (("eager", None), ("compiled", model.decode_graph)):
+        if mode == "compiled" and graph is None:
+            continue
+        run(2, 8, graph)  # warm-up
+        out[mode] = {r: round(run(r, tokens, graph), 1) for r in rows_list}
+        if graph is not None:
+            assert graph.calls > 0, "the compiled step did not run"
+    return out
 
 
 def main() -> None:
@@ -270,10 +296,17 @@ def main() -> None:
     print(notes[-1], flush=True)
 
     # 4. decoding speed (random weights of the gpt100m shape)
-    gen = generation_speed(ROOT / "configs/gpt100m.toml", device, a.gen_tokens, a.smoke)
+    rows_list = (1, 2) if a.smoke else (1, 8, 32)
+    gen = decode_speeds(ROOT / "configs/gpt100m.toml", device, a.gen_tokens, a.smoke, rows_list)
     size = "the smoke model" if a.smoke else "the gpt100m shape"
-    notes.append(f"single-stream decoding, {size}, model.generate: {gen:,.0f} tokens/s")
-    print(notes[-1], flush=True)
+    for mode in ("eager", "compiled"):
+        if mode in gen:
+            speeds = ", ".join(f"{r} rows {v:,.0f}" for r, v in gen[mode].items())
+            notes.append(
+                f"decoding, {size}, {gen['dtype']}, {mode} step (the Decoder of sample/chat/"
+                f"serve, {a.gen_tokens} greedy tokens per row): {speeds} tokens/s"
+            )
+            print(notes[-1], flush=True)
 
     import accelerate
 

@@ -3,7 +3,7 @@
 #   1. bench/gpu.py: the card's bf16 matmul peak; gpt2 + AdamW and llama + Muon at 12x512 and
 #      32x1024 (tokens/s, MFU against the data sheet and the measured peak, peak memory); a
 #      200-step loss-curve check per recipe, compiled vs plain; configs/gpt100m_4gb.toml's peak
-#      memory; single-stream decoding speed;
+#      memory; decoding speed at 1, 8 and 32 rows, eager and compiled;
 #   2. bench/optim.py: the optimizer step alone at the gpt100m_modern shape (aten ops, host
 #      time, step time against torch.optim.Muon and fused AdamW);
 #   3. the `gpu`-marked tests (bf16 + compile, fp16 loss scaling), when pytest is installed.

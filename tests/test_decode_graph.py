@@ -191,6 +191,49 @@ def test_cast_model_compiles_the_step_where_the_one_row_kernel_is_used(tok, monk
     assert int8.linear_backend == "int8+gemv" and int8.decode_graph == "graph"
 
 
+def test_cast_model_compiles_the_step_of_a_large_model_on_a_cuda_gpu(tok, monkeypatch):
+    """On a CUDA device (the decision alone; the compile itself runs in tests/test_gpu.py) the
+    step is compiled for models over GEMV_MIN_BYTES, with nothing packed for the CPU, and
+    smaller models decode eagerly."""
+    made = []
+    monkeypatch.setattr(DG, "compile_step", lambda m, rows: made.append(rows) or "graph")
+    model = small(tok.get_vocab_size())
+    total = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(CL, "GEMV_MIN_BYTES", total + 1)
+    small_one = cast_model(copy.deepcopy(model), "float32", cuda)
+    assert small_one.decode_graph is None and not made
+    monkeypatch.setattr(CL, "GEMV_MIN_BYTES", total)
+    big = cast_model(copy.deepcopy(model), "float32", cuda, max_batch=8)
+    assert big.decode_graph == "graph" and made == [8]
+    assert big.linear_backend == "torch"
+    assert not any(isinstance(m, CL.PackedLinear) for m in big.modules())
+
+
+def test_the_step_of_a_model_with_torchs_own_linears_compiles_and_computes_the_same(tok):
+    """The graph a GPU runs: nothing packed for the CPU, every product torch's own Linear.
+    Traced and compiled here on the CPU, its logits for a lone row and for two rows are the
+    eager model's within rounding."""
+    torch.set_num_threads(1)
+    ref = small(tok.get_vocab_size())
+    graph = DG.compile_step(ref, max_batch=2)
+    assert graph is not None and graph.batch
+    got, wants = KVCache(ref.config, 2, 32), [KVCache(ref.config, 1, 32) for _ in range(2)]
+    prompts = [torch.randint(0, ref.config.vocab_size, (1, n)) for n in (4, 7)]
+    with torch.inference_mode():
+        a = [ref(x, cache=w, last_only=True)[:, -1] for x, w in zip(prompts, wants)]
+        for r, x in enumerate(prompts):
+            ref(x, cache=got.view(r, 1, 32), last_only=True)
+        for step in range(6):
+            n = 1 if step < 3 else 2
+            toks = [int(x.argmax()) for x in a[:n]]
+            b = graph(got, toks)
+            for r in range(n):
+                a[r] = ref(torch.tensor([[toks[r]]]), cache=wants[r], last_only=True)[:, -1]
+                assert (a[r] - b[r]).abs().max().item() < 1e-4
+    assert graph.calls == 6 and graph.rows == 3 + 3 * 2
+
+
 def test_a_step_that_cannot_compile_leaves_eager_decoding(tok, monkeypatch, caplog):
     def broken(*a):
         raise RuntimeError("no C++ compiler found")

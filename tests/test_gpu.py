@@ -25,7 +25,8 @@ def on_gpu(fn):
 
 def test_the_gpu_script_runs_every_path_on_cpu(tmp_path):
     """bench/gpu.sh --cpu: the GPU script's every step (both recipes at a shape, the loss-curve
-    check, the 4 GB preset, decoding, the optimizer benchmark) at tiny shapes, so that the
+    check, the 4 GB preset, decoding eagerly and compiled, the optimizer benchmark) at tiny
+    shapes, so that the
     script a GPU run depends on cannot rot between GPU runs."""
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
     r = subprocess.run(
@@ -37,7 +38,8 @@ def test_the_gpu_script_runs_every_path_on_cpu(tmp_path):
     for recipe in ("gpt2 + AdamW", "llama + Muon"):
         assert f'"recipe": "{recipe}", "shape": "2 x 32"' in out
         assert f"{recipe}: loss check over 4 steps" in out
-    assert "configs/gpt100m_4gb.toml peak memory" in out and "decoding" in out
+    assert "configs/gpt100m_4gb.toml peak memory" in out
+    assert "eager step" in out and "compiled step" in out  # decoding, both ways
     assert "| muon matrices: azgpt (stacked by shape) |" in out
     assert out.rstrip().endswith("gpu.sh --cpu: every path ran")
 
@@ -62,3 +64,59 @@ def test_fp16_with_loss_scaling_trains(tmp_path):
         )
     )
     assert res.ok and res.last_loss < 6.5
+
+
+@on_gpu
+def test_the_compiled_decoding_step_on_cuda_gives_the_eager_tokens(tmp_path, monkeypatch):
+    """On the GPU, cast_model compiles the decoding step (Triton kernels; forced here for a
+    small model), every step of a Decoder of two rows runs it, and its greedy tokens and
+    logits are the eager step's (float32, within rounding)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # training turns it on
+    try:
+        _compiled_decoding_on_cuda(tmp_path, monkeypatch)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _compiled_decoding_on_cuda(tmp_path, monkeypatch):
+    import azgpt.cpu_linear as CL
+    from azgpt.config import ModelConfig
+    from azgpt.generate import Decoder, Row, SamplingParams, cast_model
+    from azgpt.model import GPT, KVCache
+    from azgpt.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(make_data(tmp_path)[0])
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), block_size=64, n_layer=2, n_head=2,
+                      n_embd=64)  # fmt: skip
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(CL, "GEMV_MIN_BYTES", 0)
+    model = cast_model(GPT(cfg).to(cuda), "float32", cuda, max_batch=2)
+    graph = model.decode_graph
+    assert graph is not None and graph.batch
+    ids = [tok.token_to_id("<|endoftext|>"), *tok.encode("Bakı şəhəri").ids]
+    greedy = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (6, 24)]
+
+    def decode(compiled: bool) -> list:
+        dec = Decoder(model, tok, max_batch=2, ctx=64)
+        if not compiled:
+            dec.graph = None
+        out: dict = {0: [], 1: []}
+        for i, p in enumerate(greedy):
+            dec.add(Row(ids, p, out[i].append))
+        while dec.rows:
+            dec.step()
+        return [out[i][-1].context for i in out]
+
+    calls = graph.calls
+    assert decode(True) == decode(False)
+    assert graph.calls - calls == 23  # the first token of each comes from the prefill
+    a, b = KVCache(cfg, 1, 64, device=cuda), KVCache(cfg, 1, 64, device=cuda)
+    x = torch.tensor([ids], device=cuda)
+    with torch.inference_mode():
+        model(x, cache=a, last_only=True)  # the module's own forward: eager
+        model(x, cache=b, last_only=True)
+        want = model(x[:, :1], cache=a, last_only=True)[:, -1]
+        got = graph(b, [ids[0]])
+    assert (want - got).abs().max().item() < 1e-3
