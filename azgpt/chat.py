@@ -37,6 +37,7 @@ def run_chat(
     device: str = "auto",
     ctx=None,
     dtype: str = "auto",
+    compile: str = "auto",
     params=None,
     inp=None,
     out=None,
@@ -47,7 +48,7 @@ def run_chat(
     inp, out = inp or sys.stdin, out or sys.stdout
     dev = pick_device(device)
     model, meta = load_model(ckpt, dev)
-    model = cast_model(model, dtype, dev).eval()
+    model = cast_model(model, dtype, dev, compile=compile).eval()
     tok, _, _ = checkpoint_tokenizer(ckpt, meta, tokenizer)
     check_chat_tokenizer(tok, f"the tokenizer of {ckpt}")
     n_ctx = check_ctx(model.config, ctx)

@@ -208,6 +208,7 @@ def cmd_sample(a) -> int:
         device=a.device,
         ctx=a.ctx,
         dtype=a.dtype,
+        compile=a.compile,
     )
     return 0
 
@@ -230,6 +231,7 @@ def cmd_chat(a) -> int:
         device=a.device,
         ctx=a.ctx,
         dtype=a.dtype,
+        compile=a.compile,
         params=params,
     )
 
@@ -315,6 +317,7 @@ def cmd_serve(a) -> int:
         tokenizer=a.tokenizer,
         device=a.device,
         dtype=a.dtype,
+        compile=a.compile,
         ctx=a.ctx,
         max_batch=a.max_batch,
         max_queue=a.max_queue,
@@ -659,6 +662,14 @@ def _add_ctx_dtype(p) -> None:
         default="auto",
         help="auto (bfloat16 on a GPU that has it, float32 on CPU), float32, bfloat16, float16 "
         "or int8 (CPU: weights rounded to int8 per output row)",
+    )
+    p.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="compile the decoding step: auto (on a CPU for models over 64 MB of Linear "
+        "weights; about a minute at the first start, seconds later), on (also small models "
+        "and CUDA GPUs), off (start at once, decode eagerly)",
     )
 
 

@@ -135,7 +135,9 @@ class DecodeGraph:
         upto = int(lens.max())
         idx = torch.tensor(tokens, device=dev)[:, None]
         pos = lens.to(dev)[:, None]
-        logits, new = self.fn(idx, pos, cache.kv[:n], upto, pos[:, 0])
+        kv = cache.kv[:n]
+        torch._dynamo.mark_static(kv, [1, 2, 3, 5])  # layers, k/v, heads, head size
+        logits, new = self.fn(idx, pos, kv, upto, pos[:, 0])
         cache.kv[torch.arange(n, device=dev), :, :, :, pos[:, 0]] = new
         cache.lengths[:n] += 1
         self.calls += 1
@@ -160,7 +162,11 @@ def compile_step(model, max_batch: int = 1) -> DecodeGraph | None:
     try:
         # No duck shapes: sizes that happen to be equal here (rows and layers, cached
         # positions and heads) must not become one symbol that later sizes have to match.
-        with torch.inference_mode(), torch.fx.experimental._config.patch(use_duck_shape=False):
+        with (
+            torch.inference_mode(),
+            torch.fx.experimental._config.patch(use_duck_shape=False),
+            torch._dynamo.config.patch(specialize_float=True),
+        ):
             for rows in (1, min(3, max_batch)) if max_batch > 1 else (1,):
                 cache.lengths[:] = 1
                 cache.lengths[0] = MIN_PAST

@@ -286,6 +286,7 @@ def check_kv_memory(cfg, rows: int, ctx: int, dtype, device, *, rows_option="--m
     return need
 
 
+COMPILE_CHOICES = ("auto", "on", "off")  # --compile
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -306,24 +307,23 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype | str:
     return DTYPES[name]
 
 
-def _linear_bytes(model) -> int:
-    return sum(
-        m.weight.numel() * m.weight.element_size()
-        for m in model.modules()
-        if isinstance(m, torch.nn.Linear)
-    )
-
-
-def cast_model(model, name: str, device: torch.device, max_batch: int = 1):
+def cast_model(
+    model, name: str, device: torch.device, max_batch: int = 1, *, compile: str = "auto"
+):
     """The model in `--dtype`, for generation only (the same module, cast). On a CPU its
     fp32/bf16 Linears are laid out for oneDNN (`azgpt.cpu_linear`: 2-5x faster products than
     the default BLAS on some CPUs); with int8, their weights are first rounded to int8 per
-    output row. `model.linear_backend` says which kernels its Linears run. Where those include
-    the compiled one-row kernel (models over `cpu_linear.GEMV_MIN_BYTES`), and on a CUDA GPU
-    for models of that size, the whole decoding step is compiled too (`azgpt.decode_graph`; for batches as well when `max_batch`, the rows
-    of the Decoder that will run it, is over 1): `model.decode_graph`, None where it is not."""
-    from .cpu_linear import GEMV_MIN_BYTES, available, pack_linears
+    output row. `model.linear_backend` says which kernels its Linears run.
 
+    `compile` (`--compile`): "auto" compiles the whole decoding step (`azgpt.decode_graph`;
+    for batches as well when `max_batch`, the rows of the Decoder that will run it, is over
+    1) on a CPU for models over `cpu_linear.GEMV_MIN_BYTES`, with the one-row kernel; "on"
+    for every model, on a CUDA GPU too; "off" never. `model.decode_graph`: the graph, None
+    where there is none."""
+    from .cpu_linear import available, pack_linears
+
+    if compile not in COMPILE_CHOICES:
+        raise UserError(f"--compile {compile!r} is not known; use auto, on or off.")
     dtype = pick_dtype(name, device)
     model.decode_graph = None
     int8 = dtype == "int8"
@@ -332,15 +332,16 @@ def cast_model(model, name: str, device: torch.device, max_batch: int = 1):
             "--dtype int8 needs oneDNN, which this PyTorch build lacks; use --dtype float32."
         )
     model = model.to(torch.float32 if int8 else dtype).eval()
-    model.linear_backend = pack_linears(model, int8=int8) if device.type == "cpu" else "torch"
-    if model.linear_backend.endswith("+gemv") or (
-        device.type == "cuda" and _linear_bytes(model) >= GEMV_MIN_BYTES
-    ):
+    gemv = {"auto": None, "on": True, "off": False}[compile]
+    on_cpu = device.type == "cpu"
+    model.linear_backend = pack_linears(model, gemv=gemv, int8=int8) if on_cpu else "torch"
+    if model.linear_backend.endswith("+gemv") or (device.type == "cuda" and compile == "on"):
         from .decode_graph import compile_step
 
         print(
-            f"azgpt: compiling the decoding step for this {device.type.upper()} (a minute or "
-            "two the first time; torch keeps it on disk for the next start)",
+            f"azgpt: compiling the decoding step for this {device.type.upper()} (about a "
+            "minute the first time, seconds later: torch keeps it on disk; --compile off "
+            "skips it)",
             file=sys.stderr,
             flush=True,
         )

@@ -47,6 +47,7 @@ def run_sample(
     device="auto",
     ctx=None,
     dtype="auto",
+    compile="auto",
     out=None,
 ) -> list[str]:
     params = sampling_params(
@@ -61,7 +62,7 @@ def run_sample(
     out = out or sys.stdout
     dev = pick_device(device)
     model, meta = load_model(ckpt, dev)
-    model = cast_model(model, dtype, dev).eval()
+    model = cast_model(model, dtype, dev, compile=compile).eval()
     tok, _, _ = checkpoint_tokenizer(ckpt, meta, tokenizer)
     ids = _prompt_ids(tok, prompt)
     texts = []

@@ -132,8 +132,7 @@ def decode_speeds(cfg_path, device, tokens: int, smoke: bool, rows_list) -> dict
     """Decoding tokens/s of the run file's model (random weights) through the Decoder that
     `azgpt sample`, `chat` and `serve` run, cast as they cast it (`cast_model`, --dtype auto:
     bf16 on the GPU), with 1, 8 and 32 rows decoding together (serve's clients), eagerly and
-    with the compiled decoding step where cast_model compiled one (the gpt100m shape on a GPU);
-    a short warm-up run first."""
+    with the compiled decoding step (`--compile on`); a short warm-up run first."""
     import torch
 
     from azgpt.config import load_config
@@ -144,12 +143,10 @@ def decode_speeds(cfg_path, device, tokens: int, smoke: bool, rows_list) -> dict
     texts = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "data/sample").glob("*.txt"))]
     tok = train_tokenizer(texts, vocab_size=2048)
     cfg = load_config(cfg_path, SMOKE_MODEL if smoke else [])
-    if smoke:  # the compiled path too, on the tiny model (it compiles for large ones only)
-        import azgpt.cpu_linear
-
-        azgpt.cpu_linear.GEMV_MIN_BYTES = 0
     torch.manual_seed(0)
-    model = cast_model(GPT(cfg.model).to(device), "auto", device, max_batch=max(rows_list))
+    model = cast_model(
+        GPT(cfg.model).to(device), "auto", device, max(rows_list), compile="on"
+    )  # --compile on: the step compiled on a GPU and for the tiny smoke model too
     ids = [tok.token_to_id("<|endoftext|>"), *tok.encode("Azərbaycanın paytaxtı").ids]
     ctx = min(cfg.model.block_size, len(ids) + tokens + 1)
 

@@ -187,3 +187,5 @@ def test_int8_one_row_kernel_reads_int8_rows_and_matches_the_batch_path(kw):
     batch = torch.cat([prompt, torch.randint(0, 300, (2, 7))])
     for a, b in zip(lone, decode_logits(model, batch)):
         assert (a[0] - b[0]).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="float32"):  # a bf16 model is cast first
+        CL.pack_linears(small(**kw).to(torch.bfloat16), int8=True)

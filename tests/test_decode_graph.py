@@ -18,6 +18,7 @@ from trainkit import make_data, one_thread  # noqa: F401  (autouse)
 import azgpt.cpu_linear as CL
 import azgpt.decode_graph as DG
 from azgpt.config import ModelConfig
+from azgpt.errors import UserError
 from azgpt.generate import Decoder, Row, SamplingParams, cast_model, stream_text
 from azgpt.model import GPT, KVCache
 from azgpt.serve.engine import Engine
@@ -191,28 +192,42 @@ def test_cast_model_compiles_the_step_where_the_one_row_kernel_is_used(tok, monk
     assert int8.linear_backend == "int8+gemv" and int8.decode_graph == "graph"
 
 
-def test_cast_model_compiles_the_step_of_a_large_model_on_a_cuda_gpu(tok, monkeypatch):
-    """On a CUDA device (the decision alone; the compile itself runs in tests/test_gpu.py) the
-    step is compiled for models over GEMV_MIN_BYTES, with nothing packed for the CPU, and
-    smaller models decode eagerly."""
+def test_compile_option_chooses_where_the_step_is_compiled(tok, monkeypatch):
+    """`--compile`: auto compiles a large model's step on a CPU, but not on a CUDA GPU (the
+    decision alone here; the compile itself runs in tests/test_gpu.py) nor a small model; on
+    compiles it for a small model and on a GPU (nothing packed for the CPU there); off
+    compiles nothing, neither the step nor the one-row kernels, however large the model."""
     made = []
     monkeypatch.setattr(DG, "compile_step", lambda m, rows: made.append(rows) or "graph")
+    monkeypatch.setattr(CL, "_compile_all", lambda mods: True)
     model = small(tok.get_vocab_size())
     total = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
-    cuda = torch.device("cuda")
-    monkeypatch.setattr(CL, "GEMV_MIN_BYTES", total + 1)
-    small_one = cast_model(copy.deepcopy(model), "float32", cuda)
-    assert small_one.decode_graph is None and not made
-    monkeypatch.setattr(CL, "GEMV_MIN_BYTES", total)
-    big = cast_model(copy.deepcopy(model), "float32", cuda, max_batch=8)
-    assert big.decode_graph == "graph" and made == [8]
-    assert big.linear_backend == "torch"
-    assert not any(isinstance(m, CL.PackedLinear) for m in big.modules())
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+
+    def cast(device, compile, rows=1):
+        return cast_model(copy.deepcopy(model), "float32", device, rows, compile=compile)
+
+    monkeypatch.setattr(CL, "GEMV_MIN_BYTES", total + 1)  # a small model
+    assert cast(cpu, "auto").decode_graph is None and not made
+    on = cast(cpu, "on", 2)
+    assert on.linear_backend == "onednn+gemv" and on.decode_graph == "graph" and made == [2]
+    monkeypatch.setattr(CL, "GEMV_MIN_BYTES", total)  # a large one
+    off = cast(cpu, "off")
+    assert off.linear_backend == "onednn" and off.decode_graph is None and made == [2]
+    assert cast(cuda, "auto", 8).decode_graph is None and made == [2]
+    gpu = cast(cuda, "on", 8)
+    assert gpu.decode_graph == "graph" and made == [2, 8]
+    assert gpu.linear_backend == "torch"
+    assert not any(isinstance(m, CL.PackedLinear) for m in gpu.modules())
+    assert cast(cuda, "off", 8).decode_graph is None and made == [2, 8]
+    with pytest.raises(UserError, match="--compile"):
+        cast(cpu, "always")
 
 
 def test_the_step_of_a_model_with_torchs_own_linears_compiles_and_computes_the_same(tok):
-    """The graph a GPU runs: nothing packed for the CPU, every product torch's own Linear.
-    Traced and compiled here on the CPU, its logits for a lone row and for two rows are the
+    """The graph a GPU compiles (nothing packed for the CPU, every product torch's own
+    Linear), traced here and lowered for the CPU (the GPU's Triton lowering runs in
+    tests/test_gpu.py): its logits for a lone row and for two rows are the
     eager model's within rounding."""
     torch.set_num_threads(1)
     ref = small(tok.get_vocab_size())
@@ -248,3 +263,25 @@ def test_a_step_that_cannot_compile_leaves_eager_decoding(tok, monkeypatch, capl
     ids = torch.randint(0, model.config.vocab_size, (1, 4))
     with torch.inference_mode():
         assert model(ids, cache=KVCache(model.config, 1, 8), last_only=True).isfinite().all()
+
+
+def test_compile_option_reaches_sample_chat_and_serve(monkeypatch):
+    """`azgpt sample|chat|serve --compile X` hands X to the command (and from there to
+    cast_model, whose choice the test above checks)."""
+    import azgpt.chat
+    import azgpt.sample
+    import azgpt.serve.app
+    from azgpt.cli import main
+
+    got = {}
+
+    def record(name):
+        return lambda *a, **kw: got.setdefault(name, kw["compile"]) and 0
+
+    monkeypatch.setattr(azgpt.sample, "run_sample", record("sample"))
+    monkeypatch.setattr(azgpt.chat, "run_chat", record("chat"))
+    monkeypatch.setattr(azgpt.serve.app, "serve", record("serve"))
+    assert main(["sample", "--ckpt", "ck", "--compile", "off"]) == 0
+    assert main(["chat", "--ckpt", "ck", "--compile", "on"]) == 0
+    assert main(["serve", "--ckpt", "ck"]) == 0
+    assert got == {"sample": "off", "chat": "on", "serve": "auto"}

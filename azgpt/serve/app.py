@@ -188,6 +188,7 @@ def serve(
     tokenizer: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    compile: str = "auto",
     ctx: int | None = None,
     max_batch: int = 8,
     max_queue: int = 64,
@@ -215,7 +216,7 @@ def serve(
     def build():
         dev = pick_device(device)
         model, meta = load_model(ckpt, dev)
-        model = cast_model(model, dtype, dev, max_batch)
+        model = cast_model(model, dtype, dev, max_batch, compile=compile)
         tok, _, _ = checkpoint_tokenizer(ckpt, meta, tokenizer)
         engine = Engine(
             model, tok, max_batch=max_batch, max_queue=max_queue, ctx=ctx,
