@@ -682,3 +682,35 @@ def test_llama_arch_decodes_batched_like_plain_forward_passes(loaded):
             logits[sorted(eng.specials)] = float("-inf")
             seq.append(int(logits.argmax()))
     assert fin.context == seq
+
+
+def test_engine_events_reach_the_event_loop_in_one_wake_up_per_batch():
+    """The engine thread's events for several streams, posted before the loop runs, wake the
+    loop once and reach each stream's queue in order; the next batch wakes it again; posting
+    after the loop closed (the server stopping) raises nothing."""
+    import asyncio
+
+    from azgpt.serve.common import Mailbox
+
+    loop = asyncio.new_event_loop()
+    wakes = []
+    real = loop.call_soon_threadsafe
+    loop.call_soon_threadsafe = lambda *a: wakes.append(1) or real(*a)
+    box = Mailbox(loop)
+    queues = [asyncio.Queue(), asyncio.Queue()]
+
+    def engine_step(step: int) -> None:
+        for k in range(3):
+            for i, q in enumerate(queues):
+                box.post(q, (step, i, k))
+
+    for step in range(2):
+        t = threading.Thread(target=engine_step, args=(step,))
+        t.start()
+        t.join()
+        assert len(wakes) == step + 1
+        loop.run_until_complete(asyncio.sleep(0))
+        for i, q in enumerate(queues):
+            assert [q.get_nowait() for _ in range(q.qsize())] == [(step, i, k) for k in range(3)]
+    loop.close()
+    box.post(queues[0], "late")  # no RuntimeError escapes

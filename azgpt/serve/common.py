@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +42,7 @@ class Server:
     limits: Limits
     weights: Path | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    mailbox: Mailbox | None = None  # the engine's events to the event loop (`mailbox()`)
 
 
 def server(request: Request) -> Server:
@@ -196,21 +198,57 @@ def usage(fin: Finished) -> dict:
     }
 
 
+class Mailbox:
+    """Events from the engine thread to one event loop's request queues, delivered in one
+    wake-up of the loop however many arrive before it runs. The engine emits an event per
+    running stream per step; waking the loop for each was a thread switch each, on the cores
+    whose OpenMP threads the engine's step waits for."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue, Any]] = []
+        self._scheduled = False
+
+    def post(self, queue: asyncio.Queue, ev) -> None:
+        with self._lock:
+            self._items.append((queue, ev))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed: the server is stopping
+            pass
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items, self._scheduled = self._items, [], False
+        for queue, ev in items:
+            queue.put_nowait(ev)
+
+
+def mailbox(srv) -> Mailbox:
+    """The server's mailbox for the running event loop."""
+    loop = asyncio.get_running_loop()
+    box = srv.mailbox
+    if box is None or box.loop is not loop:
+        box = srv.mailbox = Mailbox(loop)
+    return box
+
+
 class Live:
     """One request in the engine, its events delivered to this event loop. A client that
     disconnects cancels it (its row is free at the engine's next step)."""
 
     def __init__(self, request: Request, ids: list[int], params: SamplingParams, dropped=0):
-        engine = server(request).engine
-        loop = asyncio.get_running_loop()
+        srv = server(request)
+        engine, box = srv.engine, mailbox(srv)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.dropped = dropped
 
         def sink(ev):
-            try:
-                loop.call_soon_threadsafe(self.queue.put_nowait, ev)
-            except RuntimeError:  # the loop is closed: the server is stopping
-                pass
+            box.post(self.queue, ev)
 
         try:
             self.req = engine.submit(ids, params, sink)
