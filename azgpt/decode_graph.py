@@ -74,12 +74,15 @@ class StepCache:
         pv = self.kv[:, layer, 1, :, : self.upto].float()
         qg = q.float().view(B, hk, g, hs) * hs**-0.5
         kn, vn = k.float().view(B, hk, 1, hs), v.float().view(B, hk, 1, hs)
-        s_past = (qg[:, :, :, None, :] * pk[:, :, None]).sum(-1)  # (B, hk, g, upto)
+        # Scores and the weighted sum over the cached part as matmuls: written as products
+        # summed, inductor stored each (B, hk, g, upto, hs) product before summing it (at 500
+        # cached positions +3.7 ms per int8 token against +2.1).
+        s_past = torch.matmul(qg, pk.transpose(-1, -2))  # (B, hk, g, upto)
         s_past = s_past.masked_fill(self.hole, float("-inf"))
         s_new = (qg * kn).sum(-1, keepdim=True)  # (B, hk, g, 1)
         m = torch.maximum(s_past.amax(-1, keepdim=True), s_new)
         e_past, e_new = (s_past - m).exp(), (s_new - m).exp()
-        num = (e_past[..., None] * pv[:, :, None]).sum(-2) + e_new * vn  # (B, hk, g, hs)
+        num = torch.matmul(e_past, pv) + e_new * vn  # (B, hk, g, hs)
         y = num / (e_past.sum(-1, keepdim=True) + e_new)
         return y.view(B, nh, 1, hs).to(q.dtype)
 
