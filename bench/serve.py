@@ -16,7 +16,7 @@ batched against one prompt alone (no scheduler's p99 / lone can beat it where a 
 the sum of its rows, as on a CPU).
 
 .venv/bin/python bench/serve.py [--models demo,gpt100m] [--tokens 64] [--threads 2]
-                                [--repeat 3] [--demo-ckpt runs/tiny/last]
+                                [--repeat 3] [--demo-ckpt runs/tiny/last] [--dtype int8]
 """
 
 from __future__ import annotations
@@ -252,12 +252,14 @@ def bench_model(
     long_prompt: int = 0,
     prefill_chunk: str = "auto",
     stall_ms: int = 75,
+    dtype: str = "auto",
 ):
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "azgpt", "serve", "--ckpt", str(ckpt), "--port", str(port)]
     cmd += ["--max-batch", str(max(levels)), "--device", "cpu"]
     cmd += ["--prefill-chunk", str(prefill_chunk), "--stall-ms", str(stall_ms)]
+    cmd += ["--dtype", dtype]
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -305,6 +307,7 @@ def main() -> None:
     ap.add_argument("--long-prompt", type=int, default=480, help="0: skip the long-prompt run")
     ap.add_argument("--prefill-chunk", default="auto", help="the server's --prefill-chunk")
     ap.add_argument("--stall-ms", type=int, default=75, help="the server's --stall-ms")
+    ap.add_argument("--dtype", default="auto", help="the server's --dtype (auto: float32 here)")
     a = ap.parse_args()
 
     from azgpt.tokenizer import save_tokenizer, train_tokenizer
@@ -324,7 +327,7 @@ def main() -> None:
             ckpt = make_checkpoint(ROOT / "configs" / config, work / "tok", work / label)
         info, rows = bench_model(
             label, ckpt, levels, a.tokens, a.threads, a.repeat, work / f"{label}.log",
-            a.long_prompt if label == "gpt100m" else 0, a.prefill_chunk, a.stall_ms,
+            a.long_prompt if label == "gpt100m" else 0, a.prefill_chunk, a.stall_ms, a.dtype,
         )  # fmt: skip
         if "long_prompts" in info:
             info["long_prompts"]["floor"] = prefill_floor(ckpt, a.long_prompt, 8, a.threads)
@@ -337,7 +340,8 @@ def main() -> None:
 
     print(
         f"\n{platform.machine()}, {os.cpu_count()} cores, torch threads {a.threads}, "
-        f"{a.tokens} tokens per client, median of {a.repeat} runs, {time.strftime('%Y-%m-%d')}\n"
+        f"{a.tokens} tokens per client, --dtype {a.dtype}, median of {a.repeat} runs, "
+        f"{time.strftime('%Y-%m-%d')}\n"
     )
     print("| model | clients | aggregate tokens/s | TTFT p50 (ms) | TTFT p99 (ms) |")
     print("|---|---:|---:|---:|---:|")
