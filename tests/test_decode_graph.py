@@ -67,6 +67,29 @@ def compiled(request, tok):
     return ref, model, counters["stats"]["unique_graphs"] - before
 
 
+def step_against_eager(ref, model, graph, lens, rows, length, steps, lone):
+    """Prompts of `lens` tokens prefilled by `model` into the first rows of a cache of `rows`
+    rows and `length` positions (allocated outside inference mode, as the Decoder's cache
+    is), and by `ref` into caches of their own; then `steps` greedy steps through `graph`,
+    the first `lone` for row 0 alone, the rest for every prompt's row, each row's logits
+    within 1e-4 of `ref`'s. Returns (that cache, ref's caches)."""
+    prompts = [torch.randint(0, ref.config.vocab_size, (1, n)) for n in lens]
+    wants = [KVCache(ref.config, 1, 64) for _ in lens]
+    got = KVCache(ref.config, rows, length)
+    with torch.inference_mode():
+        a = [ref(x, cache=w, last_only=True)[:, -1] for x, w in zip(prompts, wants)]
+        for r, x in enumerate(prompts):
+            model(x, cache=got.view(r, 1, length), last_only=True)
+        for step in range(steps):
+            n = 1 if step < lone else len(lens)
+            toks = [int(x.argmax()) for x in a[:n]]
+            b = graph(got, toks)
+            for r in range(n):
+                a[r] = ref(torch.tensor([[toks[r]]]), cache=wants[r], last_only=True)[:, -1]
+                assert (a[r] - b[r]).abs().max().item() < 1e-4
+    return got, wants
+
+
 def test_the_compiled_step_computes_the_eager_models_logits(compiled):
     """Step by step from prefilled prompts, in a cache of another size than the compile's: a
     lone row, then three rows holding different lengths (the shorter rows' unfilled positions
@@ -77,22 +100,8 @@ def test_the_compiled_step_computes_the_eager_models_logits(compiled):
     assert made == 2
     graphs = counters["stats"]["unique_graphs"]
     graph = model.decode_graph
-    lens = [5, 2, 9]
-    prompts = [torch.randint(0, ref.config.vocab_size, (1, n)) for n in lens]
-    wants = [KVCache(ref.config, 1, 64) for _ in lens]
-    got = KVCache(ref.config, 4, 40)  # allocated, as the Decoder allocates its cache, outside
-    with torch.inference_mode():  # inference mode; the 4th row stays empty
-        a = [ref(x, cache=w, last_only=True)[:, -1] for x, w in zip(prompts, wants)]
-        for r, x in enumerate(prompts):
-            model(x, cache=got.view(r, 1, 40), last_only=True)
-        calls, rows = graph.calls, graph.rows
-        for step in range(25):
-            n = 1 if step < 10 else 3
-            toks = [int(x.argmax()) for x in a[:n]]
-            b = graph(got, toks)
-            for r in range(n):
-                a[r] = ref(torch.tensor([[toks[r]]]), cache=wants[r], last_only=True)[:, -1]
-                assert (a[r] - b[r]).abs().max().item() < 1e-4
+    calls, rows = graph.calls, graph.rows
+    got, wants = step_against_eager(ref, model, graph, [5, 2, 9], 4, 40, 25, 10)
     assert graph.calls - calls == 25 and graph.rows - rows == 10 + 15 * 3
     assert got.lengths.tolist() == [30, 17, 24, 0]
     for r, w in enumerate(wants):
@@ -233,19 +242,7 @@ def test_the_step_of_a_model_with_torchs_own_linears_compiles_and_computes_the_s
     ref = small(tok.get_vocab_size())
     graph = DG.compile_step(ref, max_batch=2)
     assert graph is not None and graph.batch
-    got, wants = KVCache(ref.config, 2, 32), [KVCache(ref.config, 1, 32) for _ in range(2)]
-    prompts = [torch.randint(0, ref.config.vocab_size, (1, n)) for n in (4, 7)]
-    with torch.inference_mode():
-        a = [ref(x, cache=w, last_only=True)[:, -1] for x, w in zip(prompts, wants)]
-        for r, x in enumerate(prompts):
-            ref(x, cache=got.view(r, 1, 32), last_only=True)
-        for step in range(6):
-            n = 1 if step < 3 else 2
-            toks = [int(x.argmax()) for x in a[:n]]
-            b = graph(got, toks)
-            for r in range(n):
-                a[r] = ref(torch.tensor([[toks[r]]]), cache=wants[r], last_only=True)[:, -1]
-                assert (a[r] - b[r]).abs().max().item() < 1e-4
+    step_against_eager(ref, ref, graph, [4, 7], 2, 32, 6, 3)
     assert graph.calls == 6 and graph.rows == 3 + 3 * 2
 
 
