@@ -113,11 +113,11 @@ class PackedLinear(nn.Module):
         # is another module's too (a head tied to the embedding is counted there).
         self.n_params = 0 if tied else sum(p.numel() for p in lin.parameters())
         w = lin.weight.detach()
-        self.int8, self.scale = int8, None
+        self.int8, self.scale, rows = int8, None, None
         if int8:
             rows, self.scale = quantize_rows(w)
             w = (rows.float() * self.scale[:, None]).to(w.dtype)
-        else:
+        elif keep_rows:
             rows = w.contiguous().clone()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
         self.bias = None if lin.bias is None else lin.bias.detach().to(w.dtype).contiguous()
@@ -208,8 +208,7 @@ def _compile_all(mods: list[PackedLinear]) -> bool:
                 key = (m.in_features, m.out_features, m.dtype, m.int8)
                 if key not in kernels:
                     kernels[key] = _compiled_gemv(*key)
-                    m.gemv = kernels[key]
-                    m._one_row(torch.zeros(1, m.in_features, dtype=m.dtype), m.gemv)
+                    m._one_row(torch.zeros(1, m.in_features, dtype=m.dtype), kernels[key])
                 m.gemv = kernels[key]
     except Exception as e:  # no C++ compiler, an inductor bug: oneDNN alone still works
         log.warning(

@@ -17,10 +17,10 @@ normed row once instead (18.2 against 13.4 ms per token, measured on bench/gener
 shape). With `max_batch` > 1 (`azgpt serve`) a second graph serves 2 rows and more, its products
 oneDNN's (`cpu_linear.onednn_linear`), its attention masking each row's unfilled positions.
 
-On a CUDA GPU a step of a model this size is bound by launching its ~700 small kernels one by
-one from Python (each a few microseconds, whatever its size); compiled, inductor fuses the
-norms, residuals, rotary and attention into a few Triton kernels around the matmuls (no C++
-wrapper or CPU-specific settings there).
+On a CUDA GPU (`--compile on`; not yet measured there) eager decoding launches the step's ~700
+small ops one by one from Python; compiled, inductor fuses the norms, residuals, rotary and
+attention into Triton kernels around the matmuls (no C++ wrapper or CPU-specific settings
+there).
 
 The step attends over each row's cached positions and its new token as two parts of one
 softmax (nothing is copied), and returns the logits with the new keys and values of every
