@@ -1,61 +1,46 @@
-"""Linear layers laid out for the CPU's kernels, for generation on a CPU.
+"""Linear layers laid out for generation on a CPU.
 
-PyTorch's CPU `Linear` calls the BLAS it was built with (MKL in the PyPI wheels). On CPUs where
-that BLAS takes a slow path (measured on a 2-core AMD EPYC VM: a (1, 768) x (768, 128,000)
-product streamed 10 GB/s, a batch of 8 rows reached 18 GFLOP/s), oneDNN, which PyTorch also
-ships, runs the same products 2x (one row) to 5x (8 rows) faster once the weight is reordered
-into its blocked layout. One row at a time (a lone stream decoding) is bound by how fast the
-weights stream from memory: there a reduction kernel that torch's inductor compiler generates
-for each weight shape streamed 35 GB/s where oneDNN reached 20 (bench/generate.py,
-docs/results.md).
+`pack_linears(model)` swaps every CPU `nn.Linear` of a model that will only run inference
+for a `PackedLinear`, whose product is one of:
 
-`pack_linears(model)` swaps every `nn.Linear` of a model that will only run inference for a
-`PackedLinear`: oneDNN's layout for batches, and, for models whose weights outgrow the CPU's
-caches (`GEMV_MIN_BYTES`) when a C++ compiler is at hand, the compiled one-row kernel beside
-it. An `lm_head` tied to the embedding gets its own copy. The arithmetic is the same product in
-another summation order: logits agree with the unpacked model within float rounding
-(tests/test_cpu_linear.py).
+- "kernel" (float32): azgpt's own product (`azgpt.cpu_kernel`, built for this machine on
+  first use), its weights in panels read once per block of 8 rows. The same kernel serves a
+  lone stream's decoding step, `serve`'s batched steps and a prompt's prefill, and each
+  output row is a plain sum in input order: a row's logits are the same bitwise whether it
+  is decoded alone or batched (tests/test_cpu_linear.py).
+- "int8" (`--dtype int8`): every weight first rounded to int8 with one float32 scale per
+  output row (`quantize_rows`: symmetric, the row's largest magnitude at 127), kept as int8
+  panels, converted to float32 in registers by the same kernel and scaled once per output:
+  a quarter of float32's bytes to stream per token, and a quarter of its memory (1 byte per
+  weight and a scale per row). Activations stay float32.
+- "onednn" (bfloat16 models, or float32 where the kernel cannot be built): oneDNN's product
+  on its reordered layout (PyTorch ships it; on some CPUs 2-5x faster than PyTorch's default
+  BLAS for these shapes).
 
-`pack_linears(model, int8=True)` (`--dtype int8`) first rounds every weight to int8 with one
-float32 scale per output row (symmetric, the row's largest magnitude at 127). A lone row's
-product then streams the int8 weights (a quarter of float32's bytes: measured 2.0-3.6x faster
-for the 110M shape) and multiplies by the scale once per output; batches run oneDNN's float32
-product on the same rounded weights (int8 times scale), so a row gets the same logits batched
-as alone within float rounding. Both copies are kept (5 bytes per weight): int8 buys speed,
-not memory, and only where the one-row kernel is compiled (large models, or `--compile on`).
-int8 takes float32 models only.
+The arithmetic is the same product in another summation order: logits agree with the
+unpacked model within float rounding (tests/test_cpu_linear.py). Measured speeds:
+`azgpt.cpu_kernel`, docs/results.md.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 from torch import nn
+
+from . import cpu_kernel
 
 __all__ = ["PackedLinear", "available", "pack_linears", "quantize_rows"]
 
 log = logging.getLogger("azgpt.cpu_linear")
 
 PACKABLE = (torch.float32, torch.bfloat16)
-# Linear weights of at least this many bytes in all stream from memory at every decoding step
-# (a CPU's last-level cache holds 8-64 MB): only then does the compiled one-row kernel pay for
-# its compile time (seconds, cached on disk by torch for later runs).
-GEMV_MIN_BYTES = 64 << 20
 
 
 def available() -> bool:
     """oneDNN's linear ops are in this PyTorch build."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def _gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return (x[:, None, :] * w[None]).sum(-1)
-
-
-def _gemv_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (x[:, None, :] * w[None].to(x.dtype)).sum(-1) * scale
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,102 +53,87 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale.contiguous()
 
 
-@torch.library.custom_op("azgpt::onednn_linear", mutates_args=())
-def onednn_linear(
-    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+def _product(x, weight, scale, bias, out_features: int) -> torch.Tensor:
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return cpu_kernel.linear(x, weight, scale, bias, out_features)
+
+
+@torch.library.custom_op("azgpt::packed_linear", mutates_args=())
+def packed_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_features: int,
 ) -> torch.Tensor:
-    """oneDNN's product with a reordered weight, as an operator a compiled graph calls as it is
-    (inductor lowers oneDNN's own op only for weights it reordered itself)."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    """A PackedLinear's product as an operator a compiled graph calls as it is (inductor
+    cannot trace into the kernel, nor lower oneDNN's op for weights it did not reorder)."""
+    return _product(x, weight, scale, bias, out_features)
 
 
-@onednn_linear.register_fake
-def _(x, packed, bias, out_features):
+@packed_linear.register_fake
+def _(x, weight, scale, bias, out_features):
     return x.new_empty((x.shape[0], out_features))
 
 
-def _compiled_gemv(k: int, n: int, dtype: torch.dtype, int8: bool = False):
-    """A one-row product compiled by inductor for one weight shape, called without
-    torch.compile's guards (about 20 us per call less; 49 calls per token for the 110M
-    shape): PackedLinear only calls it with a contiguous (1, k) row of `dtype` and its own
-    (n, k) weight (with `int8`, int8 weights and their (n,) float32 scales), the shapes it was
-    compiled for."""
-    import torch._inductor
-
-    x = torch.zeros(1, k, dtype=dtype)
-    if int8:
-        example = [x, torch.zeros(n, k, dtype=torch.int8), torch.ones(n)]
-        return torch._inductor.compile(torch.fx.symbolic_trace(_gemv_int8), example)
-    example = [x, torch.zeros(n, k, dtype=dtype)]
-    return torch._inductor.compile(torch.fx.symbolic_trace(_gemv), example)
-
-
 class PackedLinear(nn.Module):
-    """y = x W^T + b with W in oneDNN's layout (and, with `keep_rows`, row-major beside it for
-    the compiled one-row kernel); inference only (no autograd through it). With `int8`, W is
-    first rounded to int8 per output row (`quantize_rows`): the rows kept are the int8 ones
-    (with `scale`), oneDNN's copy is their float value."""
+    """y = x W^T + b with W laid out for `kind`'s product ("kernel", "int8" or "onednn", see
+    the module's docstring); inference only (no autograd through it). `calls` counts the
+    products run outside a compiled graph."""
 
-    def __init__(
-        self, lin: nn.Linear, keep_rows: bool = False, tied: bool = False, int8: bool = False
-    ):
+    def __init__(self, lin: nn.Linear, kind: str, tied: bool = False):
         super().__init__()
         self.in_features, self.out_features = lin.in_features, lin.out_features
         # What the Linear's Parameters were (GPT.num_params counts them); 0 when its weight
         # is another module's too (a head tied to the embedding is counted there).
         self.n_params = 0 if tied else sum(p.numel() for p in lin.parameters())
         w = lin.weight.detach()
-        self.int8, self.scale, rows = int8, None, None
-        if int8:
-            rows, self.scale = quantize_rows(w)
-            w = (rows.float() * self.scale[:, None]).to(w.dtype)
-        elif keep_rows:
-            rows = w.contiguous().clone()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
-        self.bias = None if lin.bias is None else lin.bias.detach().to(w.dtype).contiguous()
-        self.dtype = w.dtype
-        self.gemv = None  # set by pack_linears once compiled
-        self.weight_rows = rows if keep_rows else None
-        self.calls = {"onednn": 0, "gemv": 0}
-
-    def _one_row(self, x2: torch.Tensor, fn) -> torch.Tensor:
-        y = fn(x2, self.weight_rows, self.scale) if self.int8 else fn(x2, self.weight_rows)
-        return y if self.bias is None else y + self.bias
+        self.kind, scale = kind, None
+        if kind == "int8":
+            q, scale = quantize_rows(w)
+            weight = cpu_kernel.panels(q)
+        elif kind == "kernel":
+            weight = cpu_kernel.panels(w)
+        else:
+            weight = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
+        dtype = w.dtype if kind == "onednn" else torch.float32
+        bias = None if lin.bias is None else lin.bias.detach().to(dtype).contiguous()
+        # Buffers (not saved): a compiled step takes their sizes as fixed, where plain tensor
+        # attributes would each bring symbolic sizes for the graph to pass at every call.
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+        self.calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if torch.compiler.is_compiling():
-            # Traced into a whole compiled step (azgpt.decode_graph): the one-row product as
-            # the reduction the compiled kernel is, so the compiler emits it in the step.
-            if self.weight_rows is not None and x2.shape[0] == 1:
-                y = self._one_row(x2, _gemv_int8 if self.int8 else _gemv)
-            else:
-                y = onednn_linear(x2.contiguous(), self.packed, self.bias, self.out_features)
-            return y.view(*lead, self.out_features)
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
-        if self.gemv is not None and x2.shape[0] == 1 and x2.dtype == self.dtype:
-            self.calls["gemv"] += 1
-            y = self._one_row(x2, self.gemv)
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        args = (x2, self.weight, self.scale, self.bias, self.out_features)
+        if torch.compiler.is_compiling():  # traced into a compiled step (azgpt.decode_graph)
+            y = packed_linear(*args)
         else:
-            self.calls["onednn"] += 1
-            y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")
+            self.calls += 1
+            y = _product(*args)
         return y.view(*lead, self.out_features)
 
+    def dequantized(self) -> torch.Tensor:
+        """The (out, in) weight this module multiplies by, as float32 (int8 times scale)."""
+        if self.kind == "onednn":
+            raise ValueError("oneDNN's layout is opaque; keep the Linear's weight instead")
+        k = self.in_features
+        w = self.weight.transpose(1, 2).reshape(-1, k)[: self.out_features].float()
+        return w * self.scale[:, None] if self.scale is not None else w
+
     def extra_repr(self) -> str:
-        kind = ("int8" if self.int8 else "onednn") + ("+gemv" if self.gemv is not None else "")
-        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}"
 
 
-def pack_linears(model: nn.Module, gemv: bool | None = None, int8: bool = False) -> str:
-    """Replace the CPU `nn.Linear`s (fp32 or bf16) of `model` in place; returns the kernels
-    they now run: "onednn+gemv", "onednn", or "torch" (nothing replaced: oneDNN missing or
-    nothing on the CPU); with `int8` (weights rounded to int8 per output row), "int8+gemv" or
-    "int8". `gemv`: compile the one-row kernel (None: when the weights total GEMV_MIN_BYTES or
-    more); a compile that fails falls back to oneDNN alone, with a warning."""
-    if not available():
-        return "torch"
+def pack_linears(model: nn.Module, int8: bool = False, kernel: bool = True) -> str:
+    """Replace the CPU `nn.Linear`s (float32 or bfloat16) of `model` in place; returns the
+    product they now run: "kernel", "int8", "onednn", or "torch" (nothing replaced: nothing
+    on the CPU, or neither product available). `int8` rounds the weights (float32 Linears
+    only) and needs the kernel; `kernel=False` keeps float32 on oneDNN (a comparison)."""
     todo = [
         (parent, name, child)
         for parent in model.modules()
@@ -174,47 +144,19 @@ def pack_linears(model: nn.Module, gemv: bool | None = None, int8: bool = False)
     ]
     if not todo:
         return "torch"
-    if int8 and any(c.weight.dtype != torch.float32 for _, _, c in todo):
+    fp32 = all(c.weight.dtype == torch.float32 for _, _, c in todo)
+    if int8 and not fp32:
         raise ValueError("int8 rounding takes float32 Linears; cast the model to float32 first")
-    if gemv is None:
-        total = sum(c.weight.numel() * c.weight.element_size() for _, _, c in todo)
-        gemv = total >= GEMV_MIN_BYTES
+    lib = cpu_kernel.load() if (kernel or int8) and fp32 else None
+    if int8 and lib is None:
+        raise RuntimeError("int8 needs azgpt's CPU kernel, which could not be built here")
+    kind = ("int8" if int8 else "kernel") if lib is not None else "onednn"
+    if kind == "onednn" and not available():
+        return "torch"
     uses: dict[int, int] = {}
     for mod in model.modules():
         for p in mod.parameters(recurse=False):
             uses[id(p)] = uses.get(id(p), 0) + 1
-    mods = []
     for parent, name, child in todo:
-        tied = uses[id(child.weight)] > 1
-        mods.append(PackedLinear(child, keep_rows=gemv, tied=tied, int8=int8))
-        setattr(parent, name, mods[-1])
-    kind = "int8" if int8 else "onednn"
-    if gemv and _compile_all(mods):
-        return kind + "+gemv"
-    for m in mods:
-        m.gemv, m.weight_rows = None, None
+        setattr(parent, name, PackedLinear(child, kind, tied=uses[id(child.weight)] > 1))
     return kind
-
-
-def _compile_all(mods: list[PackedLinear]) -> bool:
-    """Compile the one-row kernel of every weight shape and run it once on the real weights,
-    under inference mode as decoding runs (so the first request does not recompile); False
-    when this machine cannot compile."""
-    t0 = time.perf_counter()
-    kernels: dict = {}
-    try:
-        with torch.inference_mode():
-            for m in mods:
-                key = (m.in_features, m.out_features, m.dtype, m.int8)
-                if key not in kernels:
-                    kernels[key] = _compiled_gemv(*key)
-                    m._one_row(torch.zeros(1, m.in_features, dtype=m.dtype), kernels[key])
-                m.gemv = kernels[key]
-    except Exception as e:  # no C++ compiler, an inductor bug: oneDNN alone still works
-        log.warning(
-            "could not compile the one-row CPU kernels (%s); decoding one stream uses oneDNN",
-            " ".join(str(e).split())[:160],
-        )
-        return False
-    log.info("compiled %d one-row CPU kernels in %.1f s", len(kernels), time.perf_counter() - t0)
-    return True

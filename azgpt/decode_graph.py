@@ -7,15 +7,13 @@ which kept azgpt's fp32 decoding at 0.72-0.83x llama.cpp's on the same GGUF weig
 
 `compile_step(model)` traces the model's own forward for one new token per row with
 torch.compile into one graph: fullgraph, dynamic in the number of cached positions (one
-compile serves every length), inductor's C++ wrapper calling the kernels without Python, and
-no guards on the model's modules (its weights never change while it generates). A lone row's
-products are the one-row reductions of `azgpt.cpu_linear` (traced, not called: the module sees
-that it is being compiled); inductor fuses norms, residuals, rotary and attention into loops
-around them. Its fusion heuristic would also inline a norm into the product that reads it,
-computing the norm again for every output row; `realize_opcount_threshold` makes it store the
-normed row once instead (18.2 against 13.4 ms per token, measured on bench/generate.py's
-shape). With `max_batch` > 1 (`azgpt serve`) a second graph serves 2 rows and more, its products
-oneDNN's (`cpu_linear.onednn_linear`), its attention masking each row's unfilled positions.
+compile serves every length), inductor's C++ wrapper calling its own kernels without Python, and
+no guards on the model's modules (its weights never change while it generates). The products
+are the PackedLinears' own (`azgpt.cpu_linear.packed_linear`, called from the graph as an
+operator: azgpt's CPU kernel, or oneDNN's); inductor fuses norms, residuals, rotary and
+attention into loops around them, each intermediate stored once
+(`realize_opcount_threshold`). With `max_batch` > 1 (`azgpt serve`) a second graph serves 2
+rows and more, its attention masking each row's unfilled positions.
 
 On a CUDA GPU (`--compile on`; not yet measured there) eager decoding launches the step's ~700
 small ops one by one from Python; compiled, inductor fuses the norms, residuals, rotary and

@@ -287,6 +287,10 @@ def check_kv_memory(cfg, rows: int, ctx: int, dtype, device, *, rows_option="--m
 
 
 COMPILE_CHOICES = ("auto", "on", "off")  # --compile
+# --compile auto compiles the CPU's decoding step for models whose Linear weights take this
+# many bytes or more: there the ~700 small ops of an eager step cost more than a few seconds
+# of compile (cached on disk by torch) once.
+COMPILE_MIN_BYTES = 64 << 20
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -311,31 +315,40 @@ def cast_model(
     model, name: str, device: torch.device, max_batch: int = 1, *, compile: str = "auto"
 ):
     """The model in `--dtype`, for generation only (the same module, cast). On a CPU its
-    fp32/bf16 Linears are laid out for oneDNN (`azgpt.cpu_linear`: 2-5x faster products than
-    the default BLAS on some CPUs); with int8, their weights are first rounded to int8 per
-    output row. `model.linear_backend` says which kernels its Linears run.
+    Linears run azgpt's own product (`azgpt.cpu_kernel`, float32 or, with int8, weights
+    rounded to int8 per output row), or oneDNN's for bfloat16 and where the kernel cannot be
+    built (`azgpt.cpu_linear`). `model.linear_backend` says which.
 
     `compile` (`--compile`): "auto" compiles the whole decoding step (`azgpt.decode_graph`;
     for batches as well when `max_batch`, the rows of the Decoder that will run it, is over
-    1) on a CPU for models over `cpu_linear.GEMV_MIN_BYTES`, with the one-row kernel; "on"
-    for every model, on a CUDA GPU too; "off" never. `model.decode_graph`: the graph, None
-    where there is none."""
-    from .cpu_linear import available, pack_linears
+    1) on a CPU for models whose Linear weights take `COMPILE_MIN_BYTES` or more; "on" for
+    every model, on a CUDA GPU too; "off" never. `model.decode_graph`: the graph, None where
+    there is none."""
+    from .cpu_kernel import load as load_kernel
+    from .cpu_linear import pack_linears
 
     if compile not in COMPILE_CHOICES:
         raise UserError(f"--compile {compile!r} is not known; use auto, on or off.")
     dtype = pick_dtype(name, device)
     model.decode_graph = None
     int8 = dtype == "int8"
-    if int8 and not available():
-        raise UserError(
-            "--dtype int8 needs oneDNN, which this PyTorch build lacks; use --dtype float32."
-        )
     model = model.to(torch.float32 if int8 else dtype).eval()
-    gemv = {"auto": None, "on": True, "off": False}[compile]
     on_cpu = device.type == "cpu"
-    model.linear_backend = pack_linears(model, gemv=gemv, int8=int8) if on_cpu else "torch"
-    if model.linear_backend.endswith("+gemv") or (device.type == "cuda" and compile == "on"):
+    size = sum(
+        m.weight.numel() * m.weight.element_size()
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+    )
+    if int8 and load_kernel() is None:
+        raise UserError(
+            "--dtype int8 needs azgpt's CPU kernel, which is built with a C compiler on first "
+            "use and could not be built here (see the warning above); install gcc "
+            "(apt-get install gcc) or use --dtype float32."
+        )
+    model.linear_backend = pack_linears(model, int8=int8) if on_cpu else "torch"
+    if (compile == "on" and device.type in ("cpu", "cuda")) or (
+        compile == "auto" and on_cpu and size >= COMPILE_MIN_BYTES
+    ):
         from .decode_graph import compile_step
 
         print(

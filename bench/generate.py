@@ -6,12 +6,14 @@ For each architecture (gpt2, llama) a checkpoint of the 110M shape (configs/gpt1
 round (the machine is shared: interleaving spreads its load over every contender), each
 contender decodes --tokens greedy tokens after the same short prompt with the same threads:
 
-- azgpt fp32: `azgpt.generate` (the Decoder `azgpt sample` and `azgpt serve` run), eager torch,
-  its Linears laid out for oneDNN as `azgpt sample` / `serve` / `chat` run them on a CPU;
-- azgpt fp32, torch Linear: the same without that layout (torch's default BLAS, for reference);
+- azgpt fp32: `azgpt.generate` (the Decoder `azgpt sample` and `azgpt serve` run), its
+  decoding step compiled and its products azgpt's CPU kernel (`azgpt.cpu_kernel`), as
+  `azgpt sample` / `serve` / `chat` run them on a CPU;
+- azgpt fp32, oneDNN products: the same compiled step with oneDNN's products instead;
+- azgpt fp32, torch Linear: eager torch with its default BLAS (for reference);
 - azgpt bf16: `--dtype bfloat16` (oneDNN's bf16 kernels where the CPU has them);
 - azgpt int8: the same path with `--dtype int8` (weights rounded to int8 per output row, the
-  decoding step compiled around an int8 one-row product);
+  kernel converting them in registers);
 - llama.cpp f32 and q8_0: llama-cpp-python on the exported files.
 
 Decode tokens/s counts the tokens after the first (the prompt's prefill is excluded). On a
@@ -120,6 +122,8 @@ def main() -> None:
     import torch
 
     from azgpt.checkpoint import checkpoint_tokenizer, load_model
+    from azgpt.cpu_linear import pack_linears
+    from azgpt.decode_graph import compile_step
     from azgpt.export_gguf import export_gguf
     from azgpt.generate import cast_model, prompt_ids
     from azgpt.tokenizer import save_tokenizer, train_tokenizer
@@ -153,12 +157,17 @@ def main() -> None:
             tok, _, _ = checkpoint_tokenizer(ck, meta)
             prompt = prompt_ids(tok, "Azərbaycanın paytaxtı")
             model = cast_model(load_model(ck, "cpu")[0], "float32", cpu)
-            assert model.linear_backend.startswith("onednn"), model.linear_backend
+            assert model.linear_backend == "kernel", model.linear_backend
             res["linear_backend"] = model.linear_backend
+            onednn = load_model(ck, "cpu")[0].eval()  # the same step, oneDNN's products
+            onednn.linear_backend = pack_linears(onednn, kernel=False)
+            assert onednn.linear_backend == "onednn", onednn.linear_backend
+            onednn.decode_graph = compile_step(onednn)
             bf16 = cast_model(load_model(ck, "cpu")[0], "bfloat16", cpu)
             int8 = cast_model(load_model(ck, "cpu")[0], "int8", cpu)
             runners = {
                 "azgpt fp32": torch_runner(model, tok, prompt, a.tokens),
+                "azgpt fp32, oneDNN products": torch_runner(onednn, tok, prompt, a.tokens),
                 "azgpt fp32, torch Linear": torch_runner(plain, tok, prompt, a.tokens),
                 "azgpt bf16 (--dtype bfloat16)": torch_runner(bf16, tok, prompt, a.tokens),
                 "azgpt int8 (--dtype int8)": torch_runner(int8, tok, prompt, a.tokens),
@@ -183,7 +192,7 @@ def main() -> None:
                 "vs_llama_q8_0": {k: round(v / med["llama.cpp q8_0"], 2) for k, v in med.items()},
             }
             print(json.dumps({arch: res["archs"][arch]}), flush=True)
-            del runners, model, plain, bf16, int8
+            del runners, model, onednn, plain, bf16, int8
             for proc, conn in children:
                 conn.send("stop")
                 proc.join(timeout=30)

@@ -17,6 +17,7 @@ from trainkit import make_data, one_thread  # noqa: F401  (autouse)
 
 import azgpt.cpu_linear as CL
 import azgpt.decode_graph as DG
+import azgpt.generate as G
 from azgpt.config import ModelConfig
 from azgpt.errors import UserError
 from azgpt.generate import Decoder, Row, SamplingParams, cast_model, stream_text
@@ -48,19 +49,18 @@ def small(vocab: int, **kw) -> GPT:
 @pytest.fixture(scope="module", params=[*ARCHS, "gpt2-int8"])
 def compiled(request, tok):
     """(eager model, the same model packed with its step compiled, graphs the compile made).
-    gpt2-int8 (`--dtype int8`): both have the int8-rounded weights; the eager one runs them
-    through oneDNN, the compiled step's one-row products read the int8 rows."""
+    gpt2-int8 (`--dtype int8`): both hold the int8-rounded weights; the eager one runs them
+    outside any graph."""
     torch.set_num_threads(1)
     int8 = request.param.endswith("-int8")
     ref = small(tok.get_vocab_size(), **ARCHS[request.param.removesuffix("-int8")])
     model = copy.deepcopy(ref)
     if int8:
-        assert CL.pack_linears(ref, gemv=False, int8=True) == "int8"
-    model.linear_backend = CL.pack_linears(model, gemv=True, int8=int8)
-    assert model.linear_backend == ("int8+gemv" if int8 else "onednn+gemv")
-    if int8:
-        rows = [m.weight_rows for m in model.modules() if isinstance(m, CL.PackedLinear)]
-        assert rows and all(r.dtype == torch.int8 for r in rows)
+        assert CL.pack_linears(ref, int8=True) == "int8"
+    model.linear_backend = CL.pack_linears(model, int8=int8)
+    assert model.linear_backend == ("int8" if int8 else "kernel")
+    weights = [m.weight for m in model.modules() if isinstance(m, CL.PackedLinear)]
+    assert weights and all(w.dtype == (torch.int8 if int8 else torch.float32) for w in weights)
     before = counters["stats"]["unique_graphs"]
     model.decode_graph = DG.compile_step(model, max_batch=2)
     assert model.decode_graph is not None and model.decode_graph.batch
@@ -183,32 +183,30 @@ def test_a_compiled_step_that_fails_while_decoding_leaves_eager_decoding(compile
     assert events[-1].context == run(None)[1][-1].context
 
 
-def test_cast_model_compiles_the_step_where_the_one_row_kernel_is_used(tok, monkeypatch):
+def test_cast_model_compiles_the_step_of_models_over_the_threshold(tok, monkeypatch):
     made = []
     monkeypatch.setattr(DG, "compile_step", lambda m, rows: made.append((m, rows)) or "graph")
     model = small(tok.get_vocab_size())
-    total = sum(p.numel() * 4 for n, p in model.named_parameters() if "wpe" not in n)
-    monkeypatch.setattr(CL, "GEMV_MIN_BYTES", 1 << 40)
+    total = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    monkeypatch.setattr(G, "COMPILE_MIN_BYTES", total + 1)
     plain = cast_model(copy.deepcopy(model), "float32", torch.device("cpu"))
-    assert plain.linear_backend == "onednn" and plain.decode_graph is None and not made
-    monkeypatch.setattr(CL, "GEMV_MIN_BYTES", total // 4)
-    monkeypatch.setattr(CL, "_compile_all", lambda mods: True)
+    assert plain.linear_backend == "kernel" and plain.decode_graph is None and not made
+    monkeypatch.setattr(G, "COMPILE_MIN_BYTES", total)
     big = cast_model(copy.deepcopy(model), "float32", torch.device("cpu"))
-    assert big.linear_backend == "onednn+gemv" and big.decode_graph == "graph"
+    assert big.linear_backend == "kernel" and big.decode_graph == "graph"
     served = cast_model(copy.deepcopy(model), "float32", torch.device("cpu"), max_batch=8)
     assert made == [(big, 1), (served, 8)]  # `azgpt serve` compiles batches too
     int8 = cast_model(copy.deepcopy(model), "int8", torch.device("cpu"))
-    assert int8.linear_backend == "int8+gemv" and int8.decode_graph == "graph"
+    assert int8.linear_backend == "int8" and int8.decode_graph == "graph"
 
 
 def test_compile_option_chooses_where_the_step_is_compiled(tok, monkeypatch):
     """`--compile`: auto compiles a large model's step on a CPU, but not on a CUDA GPU (the
     decision alone here; the compile itself runs in tests/test_gpu.py) nor a small model; on
     compiles it for a small model and on a GPU (nothing packed for the CPU there); off
-    compiles nothing, neither the step nor the one-row kernels, however large the model."""
+    compiles nothing, however large the model."""
     made = []
     monkeypatch.setattr(DG, "compile_step", lambda m, rows: made.append(rows) or "graph")
-    monkeypatch.setattr(CL, "_compile_all", lambda mods: True)
     model = small(tok.get_vocab_size())
     total = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
@@ -216,13 +214,13 @@ def test_compile_option_chooses_where_the_step_is_compiled(tok, monkeypatch):
     def cast(device, compile, rows=1):
         return cast_model(copy.deepcopy(model), "float32", device, rows, compile=compile)
 
-    monkeypatch.setattr(CL, "GEMV_MIN_BYTES", total + 1)  # a small model
+    monkeypatch.setattr(G, "COMPILE_MIN_BYTES", total + 1)  # a small model
     assert cast(cpu, "auto").decode_graph is None and not made
     on = cast(cpu, "on", 2)
-    assert on.linear_backend == "onednn+gemv" and on.decode_graph == "graph" and made == [2]
-    monkeypatch.setattr(CL, "GEMV_MIN_BYTES", total)  # a large one
+    assert on.linear_backend == "kernel" and on.decode_graph == "graph" and made == [2]
+    monkeypatch.setattr(G, "COMPILE_MIN_BYTES", total)  # a large one
     off = cast(cpu, "off")
-    assert off.linear_backend == "onednn" and off.decode_graph is None and made == [2]
+    assert off.linear_backend == "kernel" and off.decode_graph is None and made == [2]
     assert cast(cuda, "auto", 8).decode_graph is None and made == [2]
     gpu = cast(cuda, "on", 8)
     assert gpu.decode_graph == "graph" and made == [2, 8]
@@ -252,7 +250,7 @@ def test_a_step_that_cannot_compile_leaves_eager_decoding(tok, monkeypatch, capl
 
     monkeypatch.setattr(DG, "_step", broken)
     model = small(tok.get_vocab_size())
-    CL.pack_linears(model, gemv=False)
+    CL.pack_linears(model)
     with caplog.at_level(logging.WARNING, logger="azgpt.decode_graph"):
         assert DG.compile_step(model) is None
     assert "could not compile the decoding step" in caplog.text
