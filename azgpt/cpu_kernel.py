@@ -35,7 +35,7 @@ __all__ = ["linear", "load", "panels"]
 log = logging.getLogger("azgpt.cpu_kernel")
 
 SOURCE = Path(__file__).with_name("csrc") / "linear.c"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 PANEL = 32  # outputs per panel: azgpt_linear_panel() in the C file
 
 _lib: ctypes.CDLL | None = None
@@ -63,11 +63,14 @@ def _cpu_id() -> str:
         return platform.processor() or platform.machine()
 
 
-def _build(cc: str) -> Path:
+def _build(cc: str, march: str = "native") -> Path:
+    """The shared library for this CPU (`-march=native`; the tests also build older x86
+    levels to run the AVX2 and plain-C paths), built once into the cache folder."""
+    flags = [*FLAGS, f"-march={march}"]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     src = SOURCE.read_bytes()
     key = hashlib.sha256(
-        b"\0".join([src, " ".join(FLAGS).encode(), version.encode(), _cpu_id().encode()])
+        b"\0".join([src, " ".join(flags).encode(), version.encode(), _cpu_id().encode()])
     ).hexdigest()[:16]
     out = cache_dir() / "kernels" / f"linear-{key}.so"
     if out.exists():
@@ -77,7 +80,7 @@ def _build(cc: str) -> Path:
     os.close(fd)
     try:
         r = subprocess.run(
-            [cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120
+            [cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120
         )
         if r.returncode != 0:
             raise RuntimeError(" ".join((r.stderr or r.stdout).split())[:300])
@@ -101,17 +104,21 @@ def load() -> ctypes.CDLL | None:
         log.warning("no C compiler (cc, gcc or $CC): CPU generation uses oneDNN's products")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(cc)))
-        if lib.azgpt_linear_panel() != PANEL:
-            raise RuntimeError("the built kernel's panel width is not the one expected")
+        _lib = bind(ctypes.CDLL(str(_build(cc))))
     except Exception as e:  # a compiler without -fopenmp or -march=native, a full disk
         log.warning("could not build azgpt's CPU kernel (%s): using oneDNN's products", e)
         return None
+    return _lib
+
+
+def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the built library's functions to ctypes (and check its panel width)."""
+    if lib.azgpt_linear_panel() != PANEL:
+        raise RuntimeError("the built kernel's panel width is not the one expected")
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.azgpt_linear_f32.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, i32]
     lib.azgpt_linear_i8.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i32]
     lib.azgpt_linear_f32.restype = lib.azgpt_linear_i8.restype = None
-    _lib = lib
     return lib
 
 

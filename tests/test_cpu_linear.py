@@ -7,7 +7,9 @@ then that the numbers are the unpacked model's within float rounding."""
 from __future__ import annotations
 
 import copy
+import ctypes
 import logging
+import platform
 import tempfile
 from pathlib import Path
 
@@ -95,6 +97,24 @@ def test_the_kernel_gives_a_row_the_same_bits_alone_or_in_any_batch(int8):
     odd inputs, batches across its 8-row blocks, with and without bias): each row's outputs
     are bitwise the same whatever rows share the call, and torch's product of the weights it
     holds within float rounding."""
+    check_rows_alone_and_in_batches(int8)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 levels")
+@pytest.mark.parametrize("march,isa", [("x86-64-v3", 256), ("x86-64", 0)])
+def test_the_kernel_built_for_older_x86_cpus_computes_the_same(march, isa, tmp_path, monkeypatch):
+    """The AVX2 and plain-C int8 conversions, which `-march=native` does not build on a machine
+    with AVX-512, built for those x86 levels and asserted to be the path that ran: the same
+    checks as the native build."""
+    monkeypatch.setenv("AZGPT_CACHE_DIR", str(tmp_path))
+    lib = CK.bind(ctypes.CDLL(str(CK._build(CK._compiler(), march))))
+    assert lib.azgpt_linear_isa() == isa
+    monkeypatch.setattr(CK, "_lib", lib)
+    for int8 in (False, True):
+        check_rows_alone_and_in_batches(int8)
+
+
+def check_rows_alone_and_in_batches(int8: bool) -> None:
     torch.manual_seed(0)
     for n, k, bias in ((45, 37, True), (32, 64, False), (100, 200, True)):
         lin = nn.Linear(k, n, bias=bias)

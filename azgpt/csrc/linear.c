@@ -126,3 +126,14 @@ void azgpt_linear_i8(const float *x, long M, long K, const int8_t *wp, const flo
 
 /* The panel width, so the Python side lays weights out as this file reads them. */
 int azgpt_linear_panel(void) { return P; }
+
+/* Which int8 conversion this build holds: 512 (AVX-512), 256 (AVX2) or 0 (plain C). */
+int azgpt_linear_isa(void) {
+#if defined(__AVX512F__)
+    return 512;
+#elif defined(__AVX2__)
+    return 256;
+#else
+    return 0;
+#endif
+}
