@@ -26,6 +26,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -40,6 +41,7 @@ PANEL = 32  # outputs per panel: azgpt_linear_panel() in the C file
 
 _lib: ctypes.CDLL | None = None
 _tried = False
+_lock = threading.Lock()
 
 
 def cache_dir() -> Path:
@@ -94,9 +96,17 @@ def _build(cc: str, march: str = "native") -> Path:
 def load() -> ctypes.CDLL | None:
     """The built kernel (built and loaded once per process), or None where it cannot be."""
     global _lib, _tried
-    if _tried:
+    with _lock:  # a second thread waits for the first one's build
+        if _tried:
+            return _lib
+        try:
+            _lib = _load()
+        finally:
+            _tried = True
         return _lib
-    _tried = True
+
+
+def _load() -> ctypes.CDLL | None:
     if os.environ.get("AZGPT_CPU_KERNEL", "1") == "0":
         return None
     cc = _compiler()
@@ -104,11 +114,10 @@ def load() -> ctypes.CDLL | None:
         log.warning("no C compiler (cc, gcc or $CC): CPU generation uses oneDNN's products")
         return None
     try:
-        _lib = bind(ctypes.CDLL(str(_build(cc))))
+        return bind(ctypes.CDLL(str(_build(cc))))
     except Exception as e:  # a compiler without -fopenmp or -march=native, a full disk
         log.warning("could not build azgpt's CPU kernel (%s): using oneDNN's products", e)
         return None
-    return _lib
 
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -141,6 +150,11 @@ def linear(
     """x (M, K) float32 contiguous times the panels `w` (float32, or int8 with `scale`) of an
     (n, K) weight, plus `bias`: (M, n) float32. `load()` must have returned the kernel."""
     m, k = x.shape
+    if x.dtype != torch.float32 or w.shape[1] != k or not x.is_contiguous() or x.is_cuda:
+        raise ValueError(
+            f"the kernel takes contiguous float32 rows of {w.shape[1]} on the CPU and its own "
+            f"panels, not {tuple(x.shape)} {x.dtype} rows and {w.dtype} panels"
+        )
     y = torch.empty(m, n, dtype=torch.float32)
     if m == 0:
         return y

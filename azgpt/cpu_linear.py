@@ -47,6 +47,11 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 weights, float32 scale per output row): w ~ q * scale[:, None], the row's largest
     magnitude mapped to 127 (an all-zero row gets scale 1)."""
     w = w.detach().float()
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(
+            "a Linear's weights hold NaN or infinity, which int8 cannot round (a damaged "
+            "checkpoint?); --dtype float32 runs them as they are"
+        )
     scale = w.abs().amax(dim=1) / 127
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
@@ -54,6 +59,7 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _product(x, weight, scale, bias, out_features: int) -> torch.Tensor:
+    """x (M, K) float32 (bfloat16 for a bfloat16 oneDNN weight), contiguous."""
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return cpu_kernel.linear(x, weight, scale, bias, out_features)
@@ -90,6 +96,10 @@ class PackedLinear(nn.Module):
         self.n_params = 0 if tied else sum(p.numel() for p in lin.parameters())
         w = lin.weight.detach()
         self.kind, scale = kind, None
+        if kind in ("int8", "kernel"):
+            if lin.in_features == 0 or cpu_kernel.load() is None:
+                raise ValueError(f"azgpt's CPU kernel cannot run this Linear ({lin})")
+            w = w.float()  # the kernel multiplies float32 (or int8 rounded from it)
         if kind == "int8":
             q, scale = quantize_rows(w)
             weight = cpu_kernel.panels(q)
@@ -108,14 +118,18 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).contiguous()
-        args = (x2, self.weight, self.scale, self.bias, self.out_features)
+        x2 = x.reshape(-1, self.in_features)
+        if self.kind != "onednn":  # the kernel reads float32 rows, whatever x holds
+            x2 = x2.float()
+        elif x2.dtype != self.weight.dtype:
+            x2 = x2.to(self.weight.dtype)
+        args = (x2.contiguous(), self.weight, self.scale, self.bias, self.out_features)
         if torch.compiler.is_compiling():  # traced into a compiled step (azgpt.decode_graph)
             y = packed_linear(*args)
         else:
             self.calls += 1
             y = _product(*args)
-        return y.view(*lead, self.out_features)
+        return y.view(*lead, self.out_features).to(x.dtype)
 
     def dequantized(self) -> torch.Tensor:
         """The (out, in) weight this module multiplies by, as float32 (int8 times scale)."""
@@ -141,6 +155,7 @@ def pack_linears(model: nn.Module, int8: bool = False, kernel: bool = True) -> s
         if type(child) is nn.Linear
         and child.weight.device.type == "cpu"
         and child.weight.dtype in PACKABLE
+        and child.in_features > 0
     ]
     if not todo:
         return "torch"

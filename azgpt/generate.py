@@ -345,7 +345,10 @@ def cast_model(
             "use and could not be built here (see the warning above); install gcc "
             "(apt-get install gcc) or use --dtype float32."
         )
-    model.linear_backend = pack_linears(model, int8=int8) if on_cpu else "torch"
+    try:
+        model.linear_backend = pack_linears(model, int8=int8) if on_cpu else "torch"
+    except ValueError as e:  # weights int8 cannot round
+        raise UserError(f"--dtype {name}: {e}.") from None
     if (compile == "on" and device.type in ("cpu", "cuda")) or (
         compile == "auto" and on_cpu and size >= COMPILE_MIN_BYTES
     ):

@@ -218,3 +218,73 @@ def test_int8_linears_hold_int8_weights_and_compute_their_float_value(kw):
         assert (a[0] - b[0]).abs().max().item() < 1e-5
     with pytest.raises(ValueError, match="float32"):  # a bf16 model is cast first
         CL.pack_linears(small(**kw).to(torch.bfloat16), int8=True)
+
+
+def test_weights_int8_cannot_round_are_refused_in_one_sentence():
+    """A NaN or infinite weight would give its row a meaningless scale (its other weights
+    rounded to zero): `--dtype int8` refuses the model, naming float32 as the way to run it."""
+    for bad in (float("nan"), float("inf")):
+        w = torch.randn(4, 8)
+        w[1, 3] = bad
+        with pytest.raises(ValueError, match="NaN or infinity"):
+            CL.quantize_rows(w)
+    model = small()
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    with pytest.raises(UserError, match="--dtype int8: .*NaN or infinity.*--dtype float32"):
+        cast_model(model, "int8", torch.device("cpu"))
+
+
+def test_the_kernel_takes_any_float_input_and_returns_its_dtype():
+    """Inputs other than float32 rows reach the kernel as float32 (it reads float32 only) and
+    come back in their own dtype, like nn.Linear's; a Linear with no inputs is left to torch;
+    the kernel itself refuses rows it cannot read rather than reading past them."""
+    torch.manual_seed(0)
+    lin = nn.Linear(40, 45)
+    for kind in ("kernel", "int8"):
+        packed = CL.PackedLinear(lin, kind)
+        want = packed(torch.randn(3, 40))
+        for dtype in (torch.float64, torch.bfloat16, torch.float16):
+            x = torch.randn(2, 3, 40).to(dtype)
+            y = packed(x)
+            assert y.dtype == dtype and y.shape == (2, 3, 45)
+            ref = packed(x.float())
+            tol = {torch.float64: 1e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+            assert (y.float() - ref).abs().max().item() <= tol * ref.abs().max().item()
+        assert want.dtype == torch.float32
+    half = nn.Linear(40, 45).bfloat16()
+    assert CL.PackedLinear(half, "kernel").weight.dtype == torch.float32
+    model = nn.Sequential(nn.Linear(0, 5), nn.Linear(5, 5))
+    assert CL.pack_linears(model) == "kernel"
+    assert type(model[0]) is nn.Linear and isinstance(model[1], CL.PackedLinear)
+    with pytest.raises(ValueError, match="contiguous float32 rows of 40"):
+        CK.linear(
+            torch.randn(1, 40, dtype=torch.float64), CK.panels(torch.randn(45, 40)), None, None, 45
+        )
+    with pytest.raises(ValueError, match="contiguous float32 rows of 40"):
+        CK.linear(torch.randn(1, 39), CK.panels(torch.randn(45, 40)), None, None, 45)
+
+
+def test_threads_loading_the_kernel_at_once_all_get_it(tmp_path, monkeypatch):
+    """The build is slow (a compiler run): a thread asking for the kernel meanwhile waits for
+    it instead of getting None (which would quietly fall back to oneDNN)."""
+    import threading
+    import time
+
+    monkeypatch.setenv("AZGPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(CK, "_lib", None)
+    monkeypatch.setattr(CK, "_tried", False)
+    build = CK._build
+
+    def slow_build(cc, march="native"):
+        time.sleep(0.3)
+        return build(cc, march)
+
+    monkeypatch.setattr(CK, "_build", slow_build)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(CK.load())) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 3 and got[0] is not None and all(g is got[0] for g in got)

@@ -55,7 +55,7 @@ static inline v16 load_i8(const int8_t *p) {
     do {                                                                     \
         v16 a0[ROWS], a1[ROWS];                                              \
         for (int m = 0; m < ROWS; m++) a0[m] = a1[m] = (v16){0};             \
-        for (long k = 0; k < K; k++) {                                       \
+        for (int64_t k = 0; k < K; k++) {                                    \
             v16 w0 = LOAD(w + k * P), w1 = LOAD(w + k * P + 16);             \
             for (int m = 0; m < ROWS; m++) {                                 \
                 float s = xr[m * K + k];                                     \
@@ -81,7 +81,7 @@ static inline v16 load_i8(const int8_t *p) {
     default: PANEL(8, LOAD); break;                                          \
     }
 
-static void store(float *y, const float *acc, int rows, long N, long n0, const float *scale,
+static void store(float *y, const float *acc, int rows, int64_t N, int64_t n0, const float *scale,
                   const float *bias) {
     int width = N - n0 < P ? (int)(N - n0) : P;
     for (int m = 0; m < rows; m++)
@@ -95,12 +95,12 @@ static void store(float *y, const float *acc, int rows, long N, long n0, const f
 
 /* x (M, K) float32, w panels (ceil(N / P), K, P), scale (N) or NULL, bias (N) or NULL,
  * y (M, N) float32. */
-void azgpt_linear_f32(const float *x, long M, long K, const float *wp, long N,
+void azgpt_linear_f32(const float *x, int64_t M, int64_t K, const float *wp, int64_t N,
                       const float *bias, float *y, int threads) {
-    long panels = (N + P - 1) / P, blocks = (M + MB - 1) / MB;
+    int64_t panels = (N + P - 1) / P, blocks = (M + MB - 1) / MB;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-    for (long p = 0; p < panels; p++)
-        for (long b = 0; b < blocks; b++) {
+    for (int64_t p = 0; p < panels; p++)
+        for (int64_t b = 0; b < blocks; b++) {
             const float *w = wp + p * K * P, *xr = x + b * MB * K;
             int rows = M - b * MB < MB ? (int)(M - b * MB) : MB;
             float acc[MB * P];
@@ -109,12 +109,12 @@ void azgpt_linear_f32(const float *x, long M, long K, const float *wp, long N,
         }
 }
 
-void azgpt_linear_i8(const float *x, long M, long K, const int8_t *wp, const float *scale,
-                     long N, const float *bias, float *y, int threads) {
-    long panels = (N + P - 1) / P, blocks = (M + MB - 1) / MB;
+void azgpt_linear_i8(const float *x, int64_t M, int64_t K, const int8_t *wp, const float *scale,
+                     int64_t N, const float *bias, float *y, int threads) {
+    int64_t panels = (N + P - 1) / P, blocks = (M + MB - 1) / MB;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-    for (long p = 0; p < panels; p++)
-        for (long b = 0; b < blocks; b++) {
+    for (int64_t p = 0; p < panels; p++)
+        for (int64_t b = 0; b < blocks; b++) {
             const int8_t *w = wp + p * K * P;
             const float *xr = x + b * MB * K;
             int rows = M - b * MB < MB ? (int)(M - b * MB) : MB;
