@@ -107,8 +107,9 @@ class PackedLinear(nn.Module):
             weight = cpu_kernel.panels(w)
         else:
             weight = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
-        dtype = w.dtype if kind == "onednn" else torch.float32
-        bias = None if lin.bias is None else lin.bias.detach().to(dtype).contiguous()
+        # What the product reads: float32 rows for the kernel, the weight's dtype for oneDNN.
+        self.compute_dtype = w.dtype if kind == "onednn" else torch.float32
+        bias = None if lin.bias is None else lin.bias.detach().to(self.compute_dtype).contiguous()
         # Buffers (not saved): a compiled step takes their sizes as fixed, where plain tensor
         # attributes would each bring symbolic sizes for the graph to pass at every call.
         self.register_buffer("weight", weight, persistent=False)
@@ -118,12 +119,8 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if self.kind != "onednn":  # the kernel reads float32 rows, whatever x holds
-            x2 = x2.float()
-        elif x2.dtype != self.weight.dtype:
-            x2 = x2.to(self.weight.dtype)
-        args = (x2.contiguous(), self.weight, self.scale, self.bias, self.out_features)
+        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype).contiguous()
+        args = (x2, self.weight, self.scale, self.bias, self.out_features)
         if torch.compiler.is_compiling():  # traced into a compiled step (azgpt.decode_graph)
             y = packed_linear(*args)
         else:

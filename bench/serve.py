@@ -233,13 +233,14 @@ def prefill_floor(ckpt: Path, n_prompt: int, clients: int, threads: int) -> dict
     }
 
 
-def median_run(base: str, n: int, tokens: int, repeat: int, sequential: bool = False) -> dict:
-    """The run with the median aggregate tokens/s of `repeat` runs (a shared machine is noisy)."""
-    runs = sorted(
-        (run_clients(base, n, tokens, sequential) for _ in range(repeat)),
-        key=lambda r: r["tokens_per_s"],
-    )
+def median_of(runs) -> dict:
+    """The run with the median aggregate tokens/s (a shared machine is noisy), and all of them."""
+    runs = sorted(runs, key=lambda r: r["tokens_per_s"])
     return {**runs[len(runs) // 2], "runs": [r["tokens_per_s"] for r in runs]}
+
+
+def median_run(base: str, n: int, tokens: int, repeat: int) -> dict:
+    return median_of(run_clients(base, n, tokens) for _ in range(repeat))
 
 
 def bench_model(
@@ -288,7 +289,6 @@ def bench_model(
         pairs = []
         for _ in range(repeat):
             pairs.append((run_clients(base, 8, tokens), run_clients(base, 8, tokens, True)))
-        seq = sorted((s for _, s in pairs), key=lambda r: r["tokens_per_s"])
         ratios = [round(c["tokens_per_s"] / s["tokens_per_s"], 2) for c, s in pairs]
         info["paired_8"] = {
             "concurrent": [c["tokens_per_s"] for c, _ in pairs],
@@ -296,7 +296,7 @@ def bench_model(
             "ratios": ratios,
             "median_ratio": statistics.median(ratios),
         }
-        rows.append({"model": label, **seq[len(seq) // 2], "runs": info["paired_8"]["sequential"]})
+        rows.append({"model": label, **median_of(s for _, s in pairs)})
         print(json.dumps(rows[-1]), flush=True)
         print(json.dumps(info["paired_8"]), flush=True)
         if long_prompt:

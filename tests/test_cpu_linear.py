@@ -11,6 +11,8 @@ import ctypes
 import logging
 import platform
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -268,9 +270,6 @@ def test_the_kernel_takes_any_float_input_and_returns_its_dtype():
 def test_threads_loading_the_kernel_at_once_all_get_it(tmp_path, monkeypatch):
     """The build is slow (a compiler run): a thread asking for the kernel meanwhile waits for
     it instead of getting None (which would quietly fall back to oneDNN)."""
-    import threading
-    import time
-
     monkeypatch.setenv("AZGPT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(CK, "_lib", None)
     monkeypatch.setattr(CK, "_tried", False)
